@@ -1,0 +1,69 @@
+"""The `medjax` command. Each subcommand lives in the module that does the work.
+
+A module named in COMMANDS defines `add_args(parser)` and `run(args) -> int | None`; it is
+imported only when its subcommand runs, so `medjax --help` stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from medjax.errors import MedjaxError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "import-hf": ("medjax.convert_cli", "convert a Hugging Face Llama checkpoint to medjax"),
+    "export-hf": ("medjax.convert_cli:export", "export a medjax checkpoint to Hugging Face format"),
+}
+
+
+def _load(spec: str):
+  mod, _, prefix = spec.partition(":")
+  m = importlib.import_module(mod)
+  pre = f"{prefix}_" if prefix else ""
+  return getattr(m, f"{pre}add_args"), getattr(m, f"{pre}run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="medjax", description="Adapt Llama 2 to the medical domain with JAX: "
+      "continued pretraining, SFT and CMExam evaluation.")
+  p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+  sub = p.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (spec, help_) in COMMANDS.items():
+    sp = sub.add_parser(name, help=help_, description=help_)
+    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                    help="show full tracebacks on errors")
+    add_args, _ = _load(spec)
+    add_args(sp)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = build_parser()
+  # `medjax train` takes absl-style --config.x=... overrides; pass unknown flags through.
+  args, rest = parser.parse_known_args(argv)
+  if args.command is None:
+    parser.print_help()
+    return 2
+  if rest and not getattr(args, "_accepts_rest", False):
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  args.rest = rest
+  _, run = _load(COMMANDS[args.command][0])
+  try:
+    return int(run(args) or 0)
+  except MedjaxError as e:
+    if args.debug:
+      raise
+    print(f"medjax {args.command}: error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,188 @@
+"""Model architecture config: a small frozen dataclass, presets, and HF `config.json` I/O.
+
+The run config (ml_collections, `configs/*.py`) refers to a preset by name or to an HF
+directory; layers only ever see this dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from medjax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Llama 2 architecture (field names follow HF's `LlamaConfig` where they exist)."""
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 32
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads
+  max_position_embeddings: int = 4096
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  tie_word_embeddings: bool = False
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+  # Implementation knobs (not part of the HF architecture).
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
+  scan_layers: bool = False
+  remat: str = "none"  # none | full | dots_saveable
+  attention: str = "einsum"  # einsum | dot_product (jax.nn.dot_product_attention)
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
+
+  def __post_init__(self):
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ConfigError(
+          f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+          f"num_key_value_heads={self.num_key_value_heads}"
+      )
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      raise ConfigError(
+          f"hidden_size={self.hidden_size} is not divisible by "
+          f"num_attention_heads={self.num_attention_heads}; set head_dim"
+      )
+    if self.remat not in ("none", "full", "dots_saveable"):
+      raise ConfigError(f"remat={self.remat!r}: expected none, full or dots_saveable")
+    if self.attention not in ("einsum", "dot_product"):
+      raise ConfigError(f"attention={self.attention!r}: expected einsum or dot_product")
+    bad = set(self.lora_targets) - {"q", "k", "v", "o", "gate", "up", "down"}
+    if bad:
+      raise ConfigError(f"lora_targets: unknown projections {sorted(bad)}")
+
+  @property
+  def hd(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  def replace(self, **kw) -> "LlamaConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    d, f, h, k, hd = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
+                      self.num_key_value_heads, self.hd)
+    per_layer = d * hd * (h + 2 * k) + h * hd * d + 3 * d * f + 2 * d
+    n = self.num_hidden_layers * per_layer + d
+    if include_embedding:
+      n += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+    elif not self.tie_word_embeddings:
+      n += self.vocab_size * d  # the output head is a real matmul
+    return n
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * matmul params + attention (PaLM appendix B)."""
+    n = self.num_params(include_embedding=False)
+    if self.tie_word_embeddings:
+      n += self.vocab_size * self.hidden_size
+    attn = 12 * self.num_hidden_layers * self.num_attention_heads * self.hd * seq_len / 2
+    return 6.0 * n + attn
+
+
+# Shapes from the Llama 2 paper / Meta's HF config.json files.
+PRESETS: dict[str, LlamaConfig] = {
+    "llama2-7b": LlamaConfig(),
+    "llama2-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                              num_attention_heads=40, num_key_value_heads=40),
+    "llama2-70b": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                              num_attention_heads=64, num_key_value_heads=8),
+    # Tiny shapes for CPU tests.
+    "tiny": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512),
+    "tiny-mha": LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                            max_position_embeddings=256),
+}
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+  if name not in PRESETS:
+    raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+  return PRESETS[name].replace(**overrides)
+
+
+_ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings", "rms_norm_eps",
+                "tie_word_embeddings", "bos_token_id", "eos_token_id")
+
+
+def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) -> LlamaConfig:
+  """Builds a config from an HF Llama `config.json` dict, refusing what we do not implement."""
+  if d.get("model_type") != "llama":
+    raise ConfigError(f"{source}: model_type={d.get('model_type')!r}; only 'llama' is supported")
+  if d.get("auto_map"):
+    raise ConfigError(f"{source}: auto_map (trust_remote_code custom code) is not supported; "
+                      "medjax only loads the standard Llama architecture")
+  rope = d.get("rope_scaling") or None
+  params = d.get("rope_parameters") or {}
+  rope_type = (rope or {}).get("rope_type", (rope or {}).get("type")) or params.get("rope_type")
+  if rope_type not in (None, "default"):
+    raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported "
+                      "(only the default RoPE of Llama 2)")
+  if d.get("hidden_act", "silu") != "silu":
+    raise ConfigError(f"{source}: hidden_act={d['hidden_act']!r}; only 'silu' is supported")
+  for flag in ("attention_bias", "mlp_bias"):
+    if d.get(flag):
+      raise ConfigError(f"{source}: {flag}=true is not supported (Llama 2 has no biases)")
+  missing = [f for f in _ARCH_FIELDS[:5] if f not in d]
+  if missing:
+    raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+  kw = {f: d[f] for f in _ARCH_FIELDS if d.get(f) is not None}
+  kw["num_key_value_heads"] = d.get("num_key_value_heads") or d["num_attention_heads"]
+  kw["rope_theta"] = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+  if isinstance(kw.get("eos_token_id"), list):
+    kw["eos_token_id"] = kw["eos_token_id"][0]
+  hd = d.get("head_dim")
+  if hd and hd != d["hidden_size"] // d["num_attention_heads"]:
+    kw["head_dim"] = hd
+  kw.update(overrides)
+  return LlamaConfig(**kw)
+
+
+def load_hf_config(hf_dir: str, **overrides) -> LlamaConfig:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from None
+  return from_hf_dict(d, source=path, **overrides)
+
+
+def to_hf_dict(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+  d = {f: getattr(cfg, f) for f in _ARCH_FIELDS}
+  d.update(
+      architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+      num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.hd, rope_theta=cfg.rope_theta,
+      rope_scaling=None, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
+      initializer_range=0.02, pretraining_tp=1, use_cache=True, torch_dtype=torch_dtype,
+  )
+  return d
+
+
+def to_json(cfg: LlamaConfig) -> str:
+  return json.dumps(dataclasses.asdict(cfg), indent=1)
+
+
+def from_json(text: str, source: str = "model_config.json") -> LlamaConfig:
+  try:
+    d = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{source}: not valid JSON ({e})") from None
+  fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+  unknown = set(d) - fields
+  if unknown:
+    raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
+  if "lora_targets" in d:
+    d["lora_targets"] = tuple(d["lora_targets"])
+  return LlamaConfig(**d)

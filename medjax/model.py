@@ -1,0 +1,263 @@
+"""Llama 2 in Flax Linen, computing what HF's `LlamaForCausalLM` computes.
+
+Einsum letters: B batch, T query length, S key length, D embed, N query heads, K kv heads,
+G query heads per kv head, H head dim, F mlp, V vocab, R LoRA rank. Each weight is named by its
+dims (`q_dnh`) and carries one logical axis name per dim; `medjax.sharding` maps those names
+to mesh axes, so the model never mentions the mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medjax.config import LlamaConfig
+from medjax.sharding import constrain
+
+Array = jax.Array
+_init = nn.initializers.normal(stddev=0.02)
+# Finite, so a fully masked row (left padding) gives a uniform softmax instead of NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _param(mod: nn.Module, name: str, shape, axes, init=_init):
+  return mod.param(name, nn.with_logical_partitioning(init, axes), shape,
+                   jnp.dtype(mod.cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    dt = jnp.dtype(self.cfg.dtype)
+    return y.astype(dt) * scale.astype(dt)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """HF rotate-half RoPE. x: [B,T,N,H], positions: [B,T]."""
+  h = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
+  ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]  # [B,T,1,H]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(ang) + rotated * jnp.sin(ang)).astype(x.dtype)
+
+
+class Proj(nn.Module):
+  """One einsum projection, plus a LoRA delta when this target is adapted."""
+
+  cfg: LlamaConfig
+  eqn: str  # e.g. "BTD,DNH->BTNH"
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  n_in: int  # how many leading weight dims contract with the input
+  lora: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dt = jnp.dtype(self.cfg.dtype)
+    w = _param(self, "w", self.shape, self.axes)
+    y = jnp.einsum(self.eqn, x, w.astype(dt))
+    if self.lora:
+      r = self.cfg.lora_rank
+      in_shape, out_shape = self.shape[: self.n_in], self.shape[self.n_in:]
+      a = _param(self, "lora_a", (*in_shape, r), (*self.axes[: self.n_in], None))
+      b = _param(self, "lora_b", (r, *out_shape), (None, *self.axes[self.n_in:]),
+                 nn.initializers.zeros)
+      xs = self.eqn.split("->")[0].split(",")[0]
+      win, wout = xs[-self.n_in:], self.eqn.split("->")[1][-len(out_shape):]
+      lead = xs[: -self.n_in]
+      h = jnp.einsum(f"{xs},{win}R->{lead}R", x, a.astype(dt))
+      delta = jnp.einsum(f"{lead}R,R{wout}->{lead}{wout}", h, b.astype(dt))
+      y = y + delta * jnp.asarray(self.cfg.lora_alpha / r, dt)
+    return y
+
+
+def attention_mask(q_slots: Array, k_slots: Array, q_seg: Array, k_seg: Array) -> Array:
+  """Causal, same-segment mask [B,1,T,S] from slot indices [B,T]/[B,S] and segment ids."""
+  causal = k_slots[:, None, :] <= q_slots[:, :, None]
+  same = k_seg[:, None, :] == q_seg[:, :, None]
+  return (causal & same)[:, None, :, :]
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    c = self.cfg
+    n, k, h, d = c.num_attention_heads, c.num_key_value_heads, c.hd, c.hidden_size
+    t = c.lora_targets if c.lora_rank else ()
+    q = Proj(c, "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), 1, "q" in t,
+             name="q")(x)
+    kk = Proj(c, "BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), 1, "k" in t,
+              name="k")(x)
+    v = Proj(c, "BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), 1, "v" in t,
+             name="v")(x)
+    q = rope(q, positions, c.rope_theta)
+    kk = rope(kk, positions, c.rope_theta)
+    q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+    new_cache = None
+    if cache is not None:  # write this chunk at cache_index, attend over the whole cache
+      kk = jax.lax.dynamic_update_slice_in_dim(cache["k"], kk.astype(cache["k"].dtype),
+                                               cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                              cache_index, axis=1)
+      new_cache = {"k": kk, "v": v}
+      kk, v = kk.astype(q.dtype), v.astype(q.dtype)
+    scale = h ** -0.5
+    if c.attention == "dot_product":
+      out = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=scale)
+    else:
+      b, tq = q.shape[:2]
+      qg = q.reshape(b, tq, k, n // k, h)
+      logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, kk).astype(jnp.float32) * scale
+      logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)  # mask: [B,1,T,S]
+      probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+      out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, tq, n, h)
+    out = Proj(c, "BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), 2, "o" in t,
+               name="o")(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.cfg
+    t = c.lora_targets if c.lora_rank else ()
+    d, f = c.hidden_size, c.intermediate_size
+    gate = Proj(c, "BTD,DF->BTF", (d, f), ("embed", "mlp"), 1, "gate" in t, name="gate")(x)
+    up = Proj(c, "BTD,DF->BTF", (d, f), ("embed", "mlp"), 1, "up" in t, name="up")(x)
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return Proj(c, "BTF,FD->BTD", (f, d), ("mlp", "embed"), 1, "down" in t, name="down")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder layer. Signature fits `nn.scan`: (carry, per-layer cache) -> same."""
+
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache_index, cache):
+    a, new_cache = Attention(self.cfg, name="attn")(
+        RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache, cache_index)
+    x = x + a
+    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+    x = constrain(x, ("batch", "length", "act_embed"))
+    return x, new_cache
+
+
+def _block_cls(cfg: LlamaConfig):
+  if cfg.remat == "none":
+    return Block
+  policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots
+  # prevent_cse is only needed outside scan (scan already stops CSE across iterations).
+  return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Llama(nn.Module):
+  """`apply(params, tokens[B,T], positions, segment_ids, cache)` -> logits [B,T,V] (f32).
+
+  segment_ids: ids per packed document (0 = padding); attention stays within a segment.
+  cache: from `init_cache`; when given, returns (logits, new_cache) and the tokens are
+  written at cache["index"].
+  """
+
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None, cache: dict[str, Any] | None = None,
+               return_hidden: bool = False):
+    c = self.cfg
+    b, t = tokens.shape
+    dt = jnp.dtype(c.dtype)
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    q_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is None:
+      cache_index, mask = None, attention_mask(q_slots, q_slots, segment_ids, segment_ids)
+    else:
+      cache_index = cache["index"]
+      k_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids,
+                                                  cache_index, axis=1)
+      s = k_seg.shape[1]
+      k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+      mask = attention_mask(q_slots + cache_index, k_slots, segment_ids, k_seg)
+
+    emb = _param(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+    x = jnp.take(emb, tokens, axis=0).astype(dt)
+    x = constrain(x, ("batch", "length", "act_embed"))
+
+    layer_caches = None if cache is None else cache["layers"]
+    block = _block_cls(c)
+    if c.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                      length=c.num_hidden_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, new_layers = stack(c, name="layers")(x, positions, mask, cache_index, layer_caches)
+    else:
+      new_layers = []
+      for i in range(c.num_hidden_layers):
+        lc = None if cache is None else jax.tree.map(lambda a, i=i: a[i], layer_caches)
+        x, nc = block(c, name=f"layers_{i}")(x, positions, mask, cache_index, lc)
+        new_layers.append(nc)
+      if cache is not None:
+        new_layers = jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
+
+    x = RMSNorm(c, name="final_norm")(x)
+    if return_hidden:
+      return x
+    if c.tie_word_embeddings:
+      logits = jnp.einsum("BTD,VD->BTV", x, emb.astype(dt))
+    else:
+      head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+      logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt))
+    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    if cache is None:
+      return logits
+    return logits, {"layers": new_layers, "segment_ids": k_seg, "index": cache_index + t}
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
+  """Empty KV cache: k/v [L,B,S,K,H], segment ids [B,S] (0 = not written), write index."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.hd)
+  return {
+      "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+      "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def init_params(cfg: LlamaConfig, rng: Array, unbox: bool = True):
+  """Random params (HF's init: normal(0.02), norms at 1). Boxed with axes unless unbox."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = Llama(cfg).init(rng, tokens)
+  params = variables["params"]
+  return nn.meta.unbox(params) if unbox else params
+
+
+def param_axes(cfg: LlamaConfig):
+  """Pytree of logical axis-name tuples, matching the params tree."""
+  boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), unbox=False))
+  return jax.tree.map(lambda p: tuple(p.names), boxed,
+                      is_leaf=lambda p: isinstance(p, nn.LogicallyPartitioned))
+
+
+def forward(cfg: LlamaConfig, params, tokens, **kw):
+  return Llama(cfg).apply({"params": params}, tokens, **kw)

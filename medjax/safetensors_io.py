@@ -1,0 +1,88 @@
+"""Streaming safetensors reader/writer (one tensor in memory at a time).
+
+The format is an 8-byte little-endian header length, a JSON header of
+{name: {dtype, shape, data_offsets}}, then raw little-endian bytes. Reading through a memmap
+and writing tensor by tensor keeps host memory at about one tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+from medjax.errors import CheckpointError
+
+_DTYPES = {
+    "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+  """Returns ({name: info}, offset of the data section)."""
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      raw = f.read(8)
+      if len(raw) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+      (n,) = struct.unpack("<Q", raw)
+      if n > min(size - 8, 100 << 20):
+        raise CheckpointError(f"{path}: corrupt safetensors header length {n}")
+      header = json.loads(f.read(n))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
+  header.pop("__metadata__", None)
+  data_start = 8 + n
+  for name, info in header.items():
+    if info.get("dtype") not in _DTYPES:
+      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
+    b, e = info["data_offsets"]
+    want = int(np.prod(info["shape"], dtype=np.int64)) * _DTYPES[info["dtype"]].itemsize
+    if e - b != want or data_start + e > size:
+      raise CheckpointError(f"{path}: tensor {name!r} is truncated or its shape/offsets disagree")
+  return header, data_start
+
+
+def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (name, array) lazily; arrays are memmapped views until copied."""
+  header, start = read_header(path)
+  mm = np.memmap(path, dtype=np.uint8, mode="r")
+  for name, info in header.items():
+    b, e = info["data_offsets"]
+    arr = mm[start + b: start + e].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    yield name, arr
+
+
+def write_file(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]], produce,
+               metadata: dict[str, str] | None = None) -> None:
+  """Writes tensors one at a time: `produce(name)` returns each array when its turn comes.
+
+  Written to a temporary name and renamed, so a crash never leaves a half file under `path`.
+  """
+  header: dict = {"__metadata__": metadata or {"format": "pt"}}
+  off = 0
+  for name, shape, dtype in tensors:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape),
+                    "data_offsets": [off, off + nbytes]}
+    off += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # HF aligns the data section to 8 bytes
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for name, shape, dtype in tensors:
+      arr = np.ascontiguousarray(produce(name), dtype=dtype)
+      if arr.shape != tuple(shape):
+        raise CheckpointError(f"{path}: tensor {name} has shape {arr.shape}, expected {shape}")
+      f.write(arr.tobytes())
+  os.replace(tmp, path)
