@@ -14,8 +14,14 @@ from medjax.errors import MedjaxError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("medjax.train", "continued pretraining or SFT from a config file"),
     "import-hf": ("medjax.convert_cli", "convert a Hugging Face Llama checkpoint to medjax"),
     "export-hf": ("medjax.convert_cli:export", "export a medjax checkpoint to Hugging Face format"),
+    "generate": ("medjax.eval_cli:generate", "generate text from a checkpoint"),
+    "eval": ("medjax.eval_cli", "CMExam accuracy or text perplexity of a checkpoint"),
+    "data": ("medjax.data_cli", "build, inspect and check datasets (build/show/overlap/bench)"),
+    "tokenizer": ("medjax.data_cli:tokenizer", "extend a tokenizer with domain pieces"),
+    "demo": ("medjax.demo", "the whole pipeline in miniature on the shipped samples (CPU)"),
 }
 
 

@@ -62,7 +62,7 @@ def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool =
   _check_out_dir(out_dir, overwrite)
   src = resolve_checkpoint(ckpt)
   cfg = modeldir.load_config(src)
-  params = modeldir.restore_params(src, cfg)
+  params = restore(src, cfg)
   params, cfg = lora.merge(params, cfg)  # PyTorch users get a plain LlamaForCausalLM
   flat = modeldir.flatten(modeldir.unstack_layers(params) if cfg.scan_layers else params)
   tmp = out_dir.rstrip("/") + ".tmp"
@@ -114,6 +114,14 @@ def resolve_checkpoint(path: str) -> str:
   return found
 
 
+def restore(src: str, cfg: LlamaConfig, shardings=None) -> dict:
+  """Params of a model dir or of a workdir's newest good checkpoint, in `cfg`'s layout."""
+  if modeldir.is_model_dir(src):
+    return modeldir.restore_params(src, cfg, shardings)
+  from medjax import checkpoint
+  return checkpoint.restore_workdir_params(src, cfg, shardings)
+
+
 @dataclasses.dataclass
 class Loaded:
   """A loaded model: call it on int32 tokens [B,T] to get f32 logits [B,T,V]."""
@@ -141,7 +149,7 @@ def load(path: str, **overrides) -> Loaded:
   else:
     src = resolve_checkpoint(path)
     cfg = modeldir.load_config(src).replace(**overrides)
-    params = modeldir.restore_params(src, cfg)
+    params = restore(src, cfg)
     tok = os.path.join(src, modeldir.TOKENIZER)
     overrides = {}
   cfg = cfg.replace(**overrides)

@@ -65,28 +65,51 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
 
 
 def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES,
-                    mesh: Mesh | None = None) -> P:
-  """PartitionSpec for a tuple of logical names; a mesh axis is used at most once."""
+                    mesh: Mesh | None = None, shape: Sequence[int] | None = None) -> P:
+  """PartitionSpec for a tuple of logical names; a mesh axis is used at most once.
+
+  Args:
+    axes: one logical name (or None) per array dim.
+    rules: (logical name, mesh axis | tuple of axes | None) pairs.
+    mesh: when given, mesh axes of size 1 are dropped so specs stay valid for any mesh.
+    shape: when given (with mesh), a mesh axis that does not divide its dim is dropped
+      (that dim is replicated over it; `assert_params_sharded` reports big params this hits).
+  Returns:
+    The PartitionSpec.
+  """
   table = dict(rules)
   used: set[str] = set()
   out = []
-  for name in axes:
+  for i, name in enumerate(axes):
     target = table.get(name) if name is not None else None
     if target is None:
       out.append(None)
       continue
     names = (target,) if isinstance(target, str) else tuple(target)
-    # Drop mesh axes of size 1 or already used, so specs stay valid for any mesh shape.
-    names = tuple(a for a in names if a not in used and (mesh is None or mesh.shape[a] > 1))
-    used.update(names)
-    out.append(None if not names else names[0] if len(names) == 1 else names)
+    kept, prod = [], 1
+    for a in names:
+      size = 1 if mesh is None else mesh.shape[a]
+      if a in used or size == 1:
+        continue
+      if shape is not None and shape[i] % (prod * size):
+        continue
+      kept.append(a)
+      prod *= size
+    used.update(kept)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return P(*out)
 
 
-def tree_shardings(mesh: Mesh, axes_tree, rules=DEFAULT_RULES):
-  """NamedSharding per leaf of a pytree of logical-axis tuples."""
-  return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)), axes_tree,
-                      is_leaf=lambda a: isinstance(a, tuple))
+def tree_shardings(mesh: Mesh, axes_tree, rules=DEFAULT_RULES, shapes=None):
+  """NamedSharding per leaf of a pytree of logical-axis tuples (shapes: matching pytree)."""
+  # Axes are plain tuples of names; optax states are NamedTuples and must be traversed.
+  is_axes = lambda a: (isinstance(a, tuple) and not hasattr(a, "_fields")
+                       and all(x is None or isinstance(x, str) for x in a))
+  if shapes is None:
+    return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)), axes_tree,
+                        is_leaf=is_axes)
+  return jax.tree.map(lambda a, x: NamedSharding(mesh, logical_to_spec(a, rules, mesh, x.shape)),
+                      axes_tree, shapes, is_leaf=is_axes)
 
 
 @contextlib.contextmanager
@@ -105,4 +128,186 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if ctx is None:
     return x
   mesh, rules = ctx
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+  spec = logical_to_spec(axes, rules, mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def parse_rules(rules=None) -> tuple[tuple[str, Any], ...]:
+  """The rules table a run config asks for, checked against the known names.
+
+  Args:
+    rules: None or "" for DEFAULT_RULES; a string "embed=fsdp;batch=data+fsdp;mlp=" or a
+      sequence of (logical name, mesh axis | tuple of axes | None) pairs. Either form
+      overrides only the names it mentions, the rest keep their DEFAULT_RULES entry.
+  Returns:
+    A tuple of (logical name, mesh axes) pairs.
+  """
+  if not rules:
+    return DEFAULT_RULES
+  if isinstance(rules, str):
+    pairs = []
+    for item in filter(None, (r.strip() for r in rules.split(";"))):
+      name, eq, axes = item.partition("=")
+      if not eq:
+        raise ConfigError(f"rules: {item!r} is not of the form logical=axis+axis")
+      parts = tuple(a.strip() for a in axes.split("+") if a.strip())
+      pairs.append((name.strip(), parts[0] if len(parts) == 1 else parts or None))
+  else:
+    pairs = [tuple(r) for r in rules]
+  table = dict(DEFAULT_RULES)
+  for pair in pairs:
+    if len(pair) != 2 or pair[0] not in table:
+      raise ConfigError(f"rules: {pair!r}: expected (name, mesh axes) with a name among "
+                        f"{', '.join(table)}")
+    name, target = pair
+    if isinstance(target, list):
+      target = tuple(target)
+    axes = () if target is None else (target,) if isinstance(target, str) else target
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+      raise ConfigError(f"rules: {name} -> {bad}: mesh axes are {', '.join(MESH_AXES)}")
+    table[name] = target
+  return tuple(table.items())
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """Sharding of a [B,T] batch field: rows split over the `batch` rule's mesh axes."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh))
+
+
+def _abstract_state(cfg, optimizer, seed: int = 0):
+  from medjax import model as model_lib, train_step  # model imports this module
+  return jax.eval_shape(lambda: train_step.init_state(
+      model_lib.init_params(cfg, jax.random.PRNGKey(seed)), optimizer, seed))
+
+
+def state_shardings(cfg, optimizer, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedSharding for every leaf of the train state (optimizer moments follow their params)."""
+  from medjax import train_step
+  return tree_shardings(mesh, train_step.state_axes(cfg, optimizer), rules,
+                        shapes=_abstract_state(cfg, optimizer))
+
+
+def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedSharding per param, in `cfg`'s layout (scanned or not); e.g. for import_hf."""
+  from medjax import model as model_lib
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
+  return tree_shardings(mesh, model_lib.param_axes(cfg), rules, shapes=shapes)
+
+
+def sharded_init(cfg, optimizer, mesh: Mesh, rules=DEFAULT_RULES, seed: int = 0):
+  """A fresh train state created already sharded; no device ever holds all of it.
+
+  Equals `init_state(init_params(cfg, PRNGKey(seed)), optimizer, seed)` value for value.
+
+  Returns:
+    (state, shardings): the state and the matching pytree of NamedSharding.
+  """
+  from medjax import model as model_lib, train_step
+  shardings = state_shardings(cfg, optimizer, mesh, rules)
+
+  def init():
+    params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+    return train_step.init_state(params, optimizer, seed)
+
+  # out_shardings makes XLA compute each shard where it lives (random bits included).
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def shard_params_state(params, cfg, optimizer, mesh: Mesh, rules=DEFAULT_RULES, seed: int = 0):
+  """A train state around existing params (e.g. restored or imported), sharded.
+
+  Params already laid out as the rules say (restore_params(..., shardings=param_shardings))
+  are not moved; others are put in place first. The params buffers are donated: use the
+  returned state's params, not the ones passed in.
+
+  Returns:
+    (state, shardings) as `sharded_init`.
+  """
+  from medjax import train_step
+  shardings = state_shardings(cfg, optimizer, mesh, rules)
+  params = jax.device_put(params, shardings["params"])
+  init = jax.jit(lambda p: train_step.init_state(p, optimizer, seed),
+                 in_shardings=(shardings["params"],), out_shardings=shardings, donate_argnums=0)
+  return init(params), shardings
+
+
+def jit_train_step(cfg, optimizer, schedule, mesh: Mesh, shardings, rules=DEFAULT_RULES,
+                   accum_steps: int = 1):
+  """`train_step` jitted once for this mesh: explicit layouts, state donated.
+
+  Args:
+    shardings: the state's NamedShardings (from `sharded_init` / `shard_params_state`).
+  Returns:
+    step(state, batch) -> (state, metrics). The batch fields [B,T] are split on rows over
+    the `batch` rule's axes; metrics come back replicated.
+  """
+  from medjax import train_step
+
+  def step(state, batch):
+    # Tracing happens inside this context, so the model's `constrain` calls see the mesh.
+    with activate(mesh, rules):
+      return train_step.train_step(state, batch, cfg=cfg, optimizer=optimizer,
+                                   schedule=schedule, accum_steps=accum_steps)
+
+  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh, rules)),
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+# Params `describe` shows by default: path suffixes, the first match of each is printed.
+DESCRIBE = ("embedding", "attn/q/w", "attn/k/w", "attn/o/w", "mlp/gate/w", "mlp/down/w",
+            "attn_norm/scale", "lm_head")
+
+
+def describe(shardings, paths: Sequence[str] = DESCRIBE, log=print) -> dict[str, P]:
+  """Prints the PartitionSpec of a few params, so a run's log shows the layout.
+
+  Args:
+    shardings: the state's (or the params') pytree of NamedSharding.
+    paths: param path suffixes; the first param ending with each is shown.
+  Returns:
+    {param path: PartitionSpec} of what was printed.
+  """
+  from medjax.modeldir import flatten
+  flat = flatten(shardings.get("params", shardings))
+  out = {}
+  for suffix in paths:
+    hit = next((k for k in flat if k == suffix or k.endswith("/" + suffix)), None)
+    if hit is not None:
+      out[hit] = flat[hit].spec
+  width = max((len(k) for k in out), default=0)
+  for k, spec in out.items():
+    log(f"  {k:<{width}}  {spec}")
+  return out
+
+
+def assert_params_sharded(params, mesh: Mesh, min_size: int = 1 << 16) -> dict[str, float]:
+  """Refuses big params that are replicated over the model-parallel axes (fsdp, tensor).
+
+  The check MaxText runs before training, per param: a bad rule or a dim the mesh does not
+  divide otherwise shows up only as an out-of-memory error on the pod.
+
+  Args:
+    params: pytree of arrays or ShapeDtypeStructs with `.sharding` (NamedSharding).
+    mesh: the training mesh; copies over `data` are expected and allowed.
+    min_size: params with fewer elements (norm scales) may replicate.
+  Returns:
+    {"total": elements, "per_device": elements on one device, "ideal": total / fsdp*tensor}.
+  Raises:
+    ConfigError naming the offending params.
+  """
+  from medjax.modeldir import flatten
+  model_par = mesh.shape["fsdp"] * mesh.shape["tensor"]
+  total = per_device = 0
+  bad = []
+  for path, x in flatten(params).items():
+    size = math.prod(x.shape)
+    shard = math.prod(x.sharding.shard_shape(x.shape))
+    total += size
+    per_device += shard
+    if size >= min_size and size // shard < model_par:
+      bad.append(f"{path} {tuple(x.shape)} {x.sharding.spec} ({size // shard}-way)")
+  if bad:
+    raise ConfigError(f"params not sharded {model_par}-way over fsdp*tensor (mesh "
+                      f"{dict(mesh.shape)}): " + "; ".join(bad))
+  return {"total": total, "per_device": per_device, "ideal": total / model_par}

@@ -135,7 +135,7 @@ def train_step(state, batch: Batch, *, cfg: LlamaConfig, optimizer, schedule,
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   loss = loss_sum / denom
-  gnorm = optax.global_norm(grads)
+  gnorm = _global_norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
   updates, new_opt = optimizer.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
@@ -150,6 +150,10 @@ def train_step(state, batch: Batch, *, cfg: LlamaConfig, optimizer, schedule,
   metrics = {"loss": loss, "grad_norm": gnorm, "tokens": count, "lr": schedule(state["step"]),
              "finite": ok}
   return new_state, metrics
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def eval_step(params, batch: Batch, *, cfg: LlamaConfig):

@@ -1,0 +1,251 @@
+"""CMExam multiple-choice questions: CSV reader and the prompt template shared by SFT and eval.
+
+A CMExam CSV has the columns `Question, Options, Answer, Explanation`. `Options` is one string
+with one option per line, "A 原发病"; lines are separated by real newlines or by the two
+characters backslash and `n` (both occur in copies of the dataset). `Answer` is the correct
+letters run together ("C", "ABD"). Any other column (e.g. the annotated test file's
+`Disease Group, Area of Competency, Clinical Department, Medical Discipline, Difficulty level`)
+is carried through in `Question.extra`.
+
+Rows that cannot be parsed are never dropped silently: `read_cmexam` returns them as
+`Problem`s with file, line and reason, and the CLIs print them.
+
+The prompt template (`PROMPT_TEMPLATE`) is used verbatim by SFT (`medjax.data`) and by
+evaluation, so a fine-tuned model is scored on exactly the text it was trained on:
+
+    以下是中国医师资格考试的选择题，请选出正确答案。
+    {question}
+    A. {option A}
+    ...
+    答案：
+
+The response is the answer letters ("C" or "ABD"), optionally followed by "\n解析：" and the
+explanation.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import re
+from pathlib import Path
+
+from medjax.errors import DataError
+
+REQUIRED_COLUMNS = ("Question", "Options", "Answer", "Explanation")
+PROMPT_HEADER = "以下是中国医师资格考试的选择题，请选出正确答案。"
+ANSWER_CUE = "答案："
+EXPLANATION_CUE = "\n解析："
+PROMPT_TEMPLATE = PROMPT_HEADER + "\n{question}\n{options}\n" + ANSWER_CUE
+
+# "A 原发病", "A. 原发病", "A、原发病", "(A) ..." -> ("A", "原发病").
+_OPTION_RE = re.compile(r"^\s*[（(]?([A-Z])[)）]?\s*[.．、:：]?\s*(.*?)\s*$")
+_OPTION_SPLIT_RE = re.compile(r"\r?\n|\\n")
+# Empty cells written by pandas' to_csv come out as "nan" (754 explanations in the val split).
+_MISSING = ("", "nan", "none", "null")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+  """One CMExam question.
+
+  Attributes:
+    question: the stem.
+    options: letter -> option text, letters in order "A", "B", ...
+    answer: the correct letters, sorted and run together ("C", "ABD").
+    explanation: the official explanation ("" when absent).
+    extra: other CSV columns (annotations such as "Difficulty level"), by column name.
+    source: "file:line" of the row's first line in its CSV.
+  """
+
+  question: str
+  options: dict[str, str]
+  answer: str
+  explanation: str = ""
+  extra: dict[str, str] = dataclasses.field(default_factory=dict)
+  source: str = ""
+
+  @property
+  def is_multi(self) -> bool:
+    """True for a multiple-answer question (more than one correct letter)."""
+    return len(self.answer) > 1
+
+  @property
+  def letters(self) -> str:
+    return "".join(self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """A row that could not be parsed."""
+
+  file: str
+  line: int
+  reason: str
+
+  def __str__(self) -> str:
+    return f"{self.file}:{self.line}: {self.reason}"
+
+
+def parse_options(text: str) -> dict[str, str]:
+  """Parses an `Options` cell into letter -> text.
+
+  Args:
+    text: options separated by real newlines or literal backslash-n.
+
+  Returns:
+    Ordered dict of options.
+
+  Raises:
+    ValueError: a line without a leading letter, or letters not A, B, C, ... in order.
+  """
+  lines = [ln for ln in _OPTION_SPLIT_RE.split(text) if ln.strip()]
+  options: dict[str, str] = {}
+  for ln in lines:
+    m = _OPTION_RE.match(ln)
+    if not m:
+      raise ValueError(f"option line {ln.strip()[:30]!r} does not start with a letter")
+    letter, body = m.groups()
+    want = chr(ord("A") + len(options))
+    if letter != want:
+      raise ValueError(f"option letters out of order: got {letter!r}, expected {want!r}")
+    options[letter] = body
+  if len(options) < 2:
+    raise ValueError(f"need at least 2 options, found {len(options)}")
+  return options
+
+
+def parse_answer(text: str, options: dict[str, str]) -> str:
+  """Normalises an `Answer` cell ("DBA", "A,B") to sorted letters ("ABD")."""
+  if text.strip().lower() in _MISSING:
+    raise ValueError(f"no answer ({text.strip()!r})")
+  letters = re.sub(r"[\s,，、;；]", "", text).upper()
+  bad = [c for c in letters if c not in options]
+  if bad:
+    raise ValueError(f"answer {text!r} names letters not among options {''.join(options)}")
+  return "".join(sorted(set(letters)))
+
+
+def read_cmexam(path: str | os.PathLike) -> tuple[list[Question], list[Problem]]:
+  """Reads a CMExam CSV.
+
+  Args:
+    path: a UTF-8 CSV with at least the columns Question, Options, Answer, Explanation.
+
+  Returns:
+    (questions, problems): the parsed questions in file order, and one `Problem` per row
+    that could not be parsed (file, line, reason).
+
+  Raises:
+    DataError: missing file or column, a file that is not UTF-8, or no data rows.
+  """
+  path = Path(path)
+  try:
+    raw = path.read_bytes()
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror})") from None
+  try:
+    text = raw.decode("utf-8-sig")  # -sig: CSVs saved by Excel start with a BOM
+  except UnicodeDecodeError as e:
+    line = raw[: e.start].count(b"\n") + 1
+    raise DataError(f"{path}:{line}: not UTF-8 (byte {e.start}); re-encode the file "
+                    "as UTF-8") from None
+  reader = csv.reader(io.StringIO(text, newline=""))
+  header = next(reader, None)
+  if not header:
+    raise DataError(f"{path}: empty file (no header row)")
+  header = [h.strip() for h in header]
+  for col in REQUIRED_COLUMNS:
+    if col not in header:
+      raise DataError(f"{path}:1: missing column {col!r} (header: {', '.join(header)})")
+  idx = {h: i for i, h in enumerate(header)}
+  extra_cols = [h for h in header if h not in REQUIRED_COLUMNS and h]
+
+  questions: list[Question] = []
+  problems: list[Problem] = []
+  start = reader.line_num + 1  # csv rows may span lines; report the row's first line
+  rows = 0
+  for row in reader:
+    line, start = start, reader.line_num + 1
+    if not any(c.strip() for c in row):
+      continue
+    rows += 1
+    if len(row) < len(header):
+      problems.append(Problem(str(path), line, f"{len(row)} fields, header has {len(header)}"))
+      continue
+    get = lambda col: row[idx[col]].strip()  # noqa: E731
+    try:
+      if not get("Question"):
+        raise ValueError("empty Question")
+      options = parse_options(get("Options"))
+      answer = parse_answer(get("Answer"), options)
+    except ValueError as e:
+      problems.append(Problem(str(path), line, str(e)))
+      continue
+    questions.append(Question(
+        question=get("Question"), options=options, answer=answer,
+        explanation=_clean(get("Explanation")), extra={c: _clean(get(c)) for c in extra_cols},
+        source=f"{path}:{line}"))
+  if rows == 0:
+    raise DataError(f"{path}: no data rows")
+  return questions, problems
+
+
+def _clean(cell: str) -> str:
+  return "" if cell.lower() in _MISSING else cell
+
+
+def format_options(q: Question) -> str:
+  return "\n".join(f"{k}. {v}" for k, v in q.options.items())
+
+
+def format_prompt(q: Question) -> str:
+  """The model input for a question: `PROMPT_TEMPLATE` filled in, ending with "答案：".
+
+  Args:
+    q: the question.
+
+  Returns:
+    The prompt text (no trailing space, so the answer letter is the next token).
+  """
+  return PROMPT_TEMPLATE.format(question=q.question, options=format_options(q))
+
+
+def format_response(q: Question, with_explanation: bool = False) -> str:
+  """The training target after the prompt: the answer letters, optionally the explanation.
+
+  Args:
+    q: the question.
+    with_explanation: append "\\n解析：" and the explanation (when the question has one).
+
+  Returns:
+    E.g. "C" or "ABD\\n解析：...".
+  """
+  if with_explanation and q.explanation:
+    return q.answer + EXPLANATION_CUE + q.explanation
+  return q.answer
+
+
+def chance_accuracy(q: Question) -> float:
+  """Exact-match accuracy of uniform random guessing.
+
+  A single-answer question: 1 / number of options. A multiple-answer question: the guesser
+  knows it is multiple-answer and picks uniformly among letter sets of size >= 2, i.e.
+  1 / (2**n - 1 - n) for n options (5 options: 1/26).
+  """
+  n = len(q.options)
+  return 1.0 / n if not q.is_multi else 1.0 / (2**n - 1 - n)
+
+
+def question_to_record(q: Question) -> dict:
+  """A JSON-friendly dict (for array_record / tfds files); inverse of `question_from_record`."""
+  return {"question": q.question, "options": list(q.options.items()), "answer": q.answer,
+          "explanation": q.explanation, "extra": dict(q.extra), "source": q.source}
+
+
+def question_from_record(r: dict) -> Question:
+  return Question(question=r["question"], options=dict(r["options"]), answer=r["answer"],
+                  explanation=r.get("explanation", ""), extra=dict(r.get("extra", {})),
+                  source=r.get("source", ""))

@@ -1,0 +1,195 @@
+"""Run configs (`configs/*.py` with `get_config()`): loading, overrides, checks, and the
+pieces of a run they describe (data iterators, optimizer fields, sharding rules)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import ml_collections
+
+from medjax import config as config_lib
+from medjax.errors import ConfigError, DataError
+
+REQUIRED = ("task", "total_steps", "log_every", "checkpoint_every", "seed", "batch_size",
+            "mesh", "data", "optim")
+
+
+def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path[:arg]` and applies `--config.a.b=value` overrides (absl/ml_collections).
+
+  An unknown field or a value of the wrong type is an error naming it.
+  """
+  from absl import flags
+  from ml_collections import config_flags
+  path = spec.split(":", 1)[0]
+  if not os.path.exists(path):
+    raise ConfigError(f"{path}: config file not found")
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    raise ConfigError(f"unrecognized argument {bad[0]!r}; config fields are set with "
+                      "--config.FIELD=VALUE")
+  argv = ["medjax", f"--config={spec}", *overrides]
+  fv = flags.FlagValues()
+  try:
+    # sys_argv: the override flags are defined from the argv given here, not sys.argv.
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+  except flags.Error as e:
+    raise ConfigError(f"{path}: {_clean(str(e))}") from None
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{path}: {_clean(str(e))}") from None
+  c = fv.config
+  if not isinstance(c, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+  return c
+
+
+def _clean(msg: str) -> str:
+  return " ".join(msg.split())[:400]
+
+
+def validate(c) -> None:
+  missing = [f for f in REQUIRED if f not in c]
+  if missing:
+    raise ConfigError(f"config: missing field(s) {', '.join(missing)}")
+  if c.task not in ("cpt", "sft"):
+    raise ConfigError(f"config.task={c.task!r}: expected 'cpt' or 'sft'")
+  for f in ("total_steps", "log_every", "checkpoint_every", "batch_size", "accum_steps"):
+    if int(c.get(f, 1)) <= 0:
+      raise ConfigError(f"config.{f}={c.get(f)}: must be positive")
+  if c.nan_policy not in ("skip", "stop"):
+    raise ConfigError(f"config.nan_policy={c.nan_policy!r}: expected 'skip' or 'stop'")
+
+
+def resolve(path: str) -> str:
+  """'asset:NAME' -> the sample shipped in medjax/assets; other paths unchanged."""
+  if path.startswith("asset:"):
+    from medjax.data import asset_path
+    return str(asset_path(path[len("asset:"):]))
+  return path
+
+
+def paths(spec: str) -> list[str]:
+  return [resolve(p.strip()) for p in spec.split(",") if p.strip()]
+
+
+def model_overrides(c) -> dict[str, Any]:
+  o = dict(c.get("model_overrides", {}))
+  if isinstance(o.get("lora_targets"), str):
+    o["lora_targets"] = tuple(t.strip() for t in o["lora_targets"].split(",") if t.strip())
+  return o
+
+
+def optim(c) -> ml_collections.ConfigDict:
+  o = ml_collections.ConfigDict(c.optim.to_dict())
+  o.total_steps = c.total_steps
+  return o
+
+
+def rules(c):
+  """Logical->mesh rules: `c.rules` as 'embed=fsdp;heads=tensor;batch=data+fsdp' overrides
+  the defaults entry by entry ('' = defaults; 'name=' = replicated)."""
+  from medjax.sharding import DEFAULT_RULES
+  table = dict(DEFAULT_RULES)
+  spec = c.get("rules", "") or ""
+  for item in filter(None, (x.strip() for x in spec.split(";"))):
+    if "=" not in item:
+      raise ConfigError(f"config.rules: {item!r} is not 'logical=axis[+axis]'")
+    name, axes = (s.strip() for s in item.split("=", 1))
+    bad = [a for a in axes.split("+") if a and a not in ("data", "fsdp", "tensor")]
+    if bad:
+      raise ConfigError(f"config.rules: unknown mesh axis {bad[0]!r} for {name!r}")
+    parts = tuple(a for a in axes.split("+") if a)
+    table[name] = None if not parts else parts[0] if len(parts) == 1 else parts
+  return tuple(table.items())
+
+
+def _columns(c):
+  cols = c.data.get("columns", "")
+  return tuple(x.strip() for x in cols.split(",") if x.strip()) or None
+
+
+def make_data(c, tokenizer, log):
+  """(train iterator, validation source) for the task; validation is held out by hash."""
+  import jax
+  from medjax import cmexam, corpus, data
+  d = c.data
+  kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if c.task == "cpt":
+    docs = corpus.read_documents(paths(d.train), _columns(c))
+    train, val = corpus.split_documents(docs, d.val_fraction, c.seed)
+    if not train:
+      raise DataError(f"data.train {d.train}: no training documents after the split")
+    source: Any = [x.text for x in train]
+    if d.replay and d.replay_weight > 0:
+      general = corpus.read_texts(paths(d.replay))
+      source = [(source, 1.0 - d.replay_weight), (general, d.replay_weight)]
+    log(f"data: {len(train)} train / {len(val)} validation documents from {d.train}"
+        + (f", replay {d.replay_weight:.0%} from {d.replay}" if isinstance(source[0], tuple)
+           else ""))
+    it = data.make_cpt_iterator(source, tokenizer, d.seq_len, c.batch_size, seed=c.seed, **kw)
+    return it, ([x.text for x in val] or None)
+  questions = []
+  for p in paths(d.train):
+    qs, problems = cmexam.read_cmexam(p)
+    for pr in problems[:5]:
+      log(f"warning: skipped {pr}")
+    if problems:
+      log(f"warning: {len(problems)} rows of {p} could not be parsed (listed above, first 5)")
+    questions.extend(qs)
+  train, val = corpus.split_documents(questions, d.val_fraction, c.seed) if d.val_fraction else (
+      questions, [])
+  if not train:
+    raise DataError(f"data.train {d.train}: no questions")
+  log(f"data: {len(train)} SFT questions, {len(val)} held out for validation")
+  it = data.make_sft_iterator(train, tokenizer, d.seq_len, c.batch_size, seed=c.seed,
+                              with_explanation=d.with_explanation, **kw)
+  return it, (val or None)
+
+
+def val_batches(c, val_source, tokenizer):
+  import jax
+  from medjax import data
+  return data.eval_batches(val_source, tokenizer, c.data.seq_len, c.batch_size, kind=c.task,
+                           with_explanation=c.data.with_explanation,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def extra_evals(c, cfg, params, tokenizer) -> dict:
+  """CMExam accuracy on a small subset and general-text perplexity, when configured."""
+  out = {}
+  e = c.get("eval")
+  if not e:
+    return out
+  from medjax import evaluate
+  if e.get("cmexam"):
+    from medjax import cmexam
+    qs, _ = cmexam.read_cmexam(resolve(e.cmexam))
+    r = evaluate.evaluate_cmexam(cfg, params, tokenizer, qs[: e.cmexam_limit], method="loglik",
+                                 progress=False)
+    out["cmexam_acc"] = r["accuracy"]
+  if e.get("text"):
+    from medjax import corpus
+    texts = corpus.read_texts(resolve(e.text))[: e.text_limit]
+    r = evaluate.perplexity(cfg, params, tokenizer, texts, seq_len=c.data.seq_len,
+                            progress=False)
+    out["general_ppl"] = r["perplexity"]
+  return out
+
+
+def save_run_files(c, cfg: config_lib.LlamaConfig, tokenizer: str, workdir: str) -> None:
+  """The resolved config, model config and tokenizer, so the workdir is a loadable model."""
+  import jax
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "run_config.json"), "w") as f:
+    json.dump(c.to_dict(), f, indent=1, default=str)
+  with open(os.path.join(workdir, "model_config.json"), "w") as f:
+    f.write(config_lib.to_json(cfg))
+  dst = os.path.join(workdir, "tokenizer.model")
+  if os.path.abspath(tokenizer) != os.path.abspath(dst):
+    shutil.copyfile(tokenizer, dst)

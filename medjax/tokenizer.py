@@ -1,0 +1,228 @@
+"""SentencePiece tokenizer wrapper (Llama 2 `tokenizer.model`) and vocabulary extension.
+
+`Tokenizer.encode` gives the same ids as Hugging Face's `LlamaTokenizer` on the same model
+file (tests/test_tokenizer.py checks it). Llama 2 has no padding piece, so `pad_id` is 0
+(`<unk>`): padded positions always carry `loss_mask == 0` and `segment_ids == 0`, so the id
+placed there never matters.
+
+`extend_tokenizer` follows Chinese-LLaMA-2: train a SentencePiece model on domain text, then
+append its pieces that the base vocabulary lacks to the base `ModelProto`. Pieces are only
+appended, so every base id keeps its meaning and its embedding row.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+from medjax.errors import DataError
+
+
+class Tokenizer:
+  """A SentencePiece model with Llama's special-token conventions."""
+
+  def __init__(self, path: str | os.PathLike):
+    self._path = Path(path)
+    if not self._path.is_file():
+      raise DataError(f"{self._path}: tokenizer model not found")
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=str(self._path))
+    except (RuntimeError, OSError) as e:
+      raise DataError(f"{self._path}: not a SentencePiece model ({e})") from None
+    if self._sp.vocab_size() == 0:
+      raise DataError(f"{self._path}: SentencePiece model has no pieces")
+    # Ids never emitted by decode(): control pieces and our pad stand-in.
+    self._skip = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i >= 0}
+
+  @property
+  def path(self) -> Path:
+    return self._path
+
+  @property
+  def sp(self) -> spm.SentencePieceProcessor:
+    """The underlying processor, for callers that need its full API."""
+    return self._sp
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  @property
+  def pad_id(self) -> int:
+    # Llama's model sets pad_id=-1 (no piece); 0 is a valid id that is masked everywhere.
+    pad = self._sp.pad_id()
+    return pad if pad >= 0 else 0
+
+  def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    """Encodes one string.
+
+    Args:
+      text: the text; SentencePiece adds its dummy-prefix space as Llama does.
+      bos: prepend `bos_id`.
+      eos: append `eos_id`.
+
+    Returns:
+      Token ids.
+    """
+    ids = self._sp.encode(text)
+    return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+  def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
+                   num_threads: int = -1) -> list[list[int]]:
+    """Encodes many strings in SentencePiece's C++ thread pool (much faster than a loop).
+
+    Args:
+      texts: the strings.
+      bos: prepend `bos_id` to each.
+      eos: append `eos_id` to each.
+      num_threads: SentencePiece threads; -1 uses all cores.
+
+    Returns:
+      One id list per string.
+    """
+    return self._sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Decodes ids to text, skipping bos/eos/pad (like HF's `skip_special_tokens=True`)."""
+    return self._sp.decode([int(i) for i in ids if int(i) not in self._skip])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def __repr__(self) -> str:
+    return f"Tokenizer({str(self._path)!r}, vocab_size={self.vocab_size})"
+
+
+def _load_proto(path: Path) -> sentencepiece_model_pb2.ModelProto:
+  proto = sentencepiece_model_pb2.ModelProto()
+  try:
+    proto.ParseFromString(path.read_bytes())
+  except OSError as e:
+    raise DataError(f"{path}: cannot read tokenizer model ({e.strerror})") from None
+  except Exception as e:  # protobuf's DecodeError has no stable import path
+    raise DataError(f"{path}: not a SentencePiece model ({e})") from None
+  if not proto.pieces:
+    raise DataError(f"{path}: not a SentencePiece model (no pieces)")
+  return proto
+
+
+def _covered_chars(texts: Sequence[str], coverage: float) -> int:
+  """How many distinct characters SentencePiece keeps at `character_coverage=coverage`."""
+  counts = collections.Counter()
+  for t in texts:
+    counts.update(t)
+  total, run = sum(counts.values()), 0
+  for n, (_, c) in enumerate(counts.most_common(), 1):
+    run += c
+    if run >= coverage * total:
+      return n
+  return len(counts)
+
+
+def tokens_per_char(tok: Tokenizer, texts: Sequence[str]) -> float:
+  """Tokens (without bos/eos) per character over `texts`: lower means a better fit."""
+  chars = sum(len(t) for t in texts)
+  toks = sum(len(ids) for ids in tok.encode_batch(texts, bos=False))
+  return toks / max(chars, 1)
+
+
+def extend_tokenizer(base_model_path: str | os.PathLike, texts: Sequence[str], add_n: int,
+                     out_dir: str | os.PathLike, *, model_type: str = "bpe",
+                     train_vocab_size: int | None = None, heldout_fraction: float = 0.05,
+                     max_sentence_length: int = 16384) -> dict:
+  """Adds up to `add_n` domain pieces to a base SentencePiece model (Chinese-LLaMA-2 style).
+
+  Args:
+    base_model_path: the base `tokenizer.model` (e.g. Llama 2's).
+    texts: domain documents. The last `heldout_fraction` of them is held out of training
+      and used to measure tokens per character before and after.
+    add_n: the most pieces to add.
+    out_dir: where `tokenizer.model` is written (created if needed).
+    model_type: SentencePiece trainer type, "bpe" or "unigram".
+    train_vocab_size: vocabulary of the domain model; default: its covered characters plus
+      `2 * add_n + 100`, so enough new pieces remain after dropping those the base has.
+    heldout_fraction: share of `texts` held out for the before/after measurement.
+    max_sentence_length: longest training line in bytes; longer lines are skipped by SP.
+
+  Returns:
+    A report dict: base/new vocab sizes, pieces added, tokens per char before/after, path.
+  """
+  base_path = Path(base_model_path)
+  base = _load_proto(base_path)
+  texts = [t for t in texts if t.strip()]
+  if not texts:
+    raise DataError("extend_tokenizer: no non-empty training texts")
+  n_held = max(1, int(len(texts) * heldout_fraction)) if len(texts) > 1 else 0
+  train, held = texts[: len(texts) - n_held], texts[len(texts) - n_held:] or texts
+  coverage = 0.9995
+  # SentencePiece needs a piece for every character it covers, on top of merged pieces.
+  vocab = train_vocab_size or _covered_chars(train, coverage) + add_n * 2 + 100
+
+  # Train in memory; SentencePiece wants lines, so feed one line per non-empty text line.
+  def lines():
+    for t in train:
+      for line in t.splitlines():
+        if line.strip():
+          yield line
+
+  with tempfile.TemporaryDirectory() as tmp:
+    prefix = os.path.join(tmp, "domain")
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab,
+          model_type=model_type, character_coverage=coverage, byte_fallback=False,
+          max_sentence_length=max_sentence_length, hard_vocab_limit=False,
+          split_digits=True, minloglevel=2)
+    except RuntimeError as e:
+      raise DataError(f"extend_tokenizer: SentencePiece training failed ({e})") from None
+    domain = _load_proto(Path(prefix + ".model"))
+
+  have = {p.piece for p in base.pieces}
+  added = []
+  for p in domain.pieces:
+    if len(added) >= add_n:
+      break
+    # NORMAL pieces only: the domain model's <unk>/<s>/</s> duplicate the base control pieces.
+    if p.type != sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL or p.piece in have:
+      continue
+    new = base.pieces.add()
+    new.piece, new.type = p.piece, sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    # Score 0 as Chinese-LLaMA-2's merge script does: base scores are all negative, so
+    # BPE prefers the new (whole-word) domain pieces over base byte/char fragments.
+    new.score = 0.0
+    have.add(p.piece)
+    added.append(p.piece)
+
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  out_path = out / "tokenizer.model"
+  out_path.write_bytes(base.SerializeToString())
+  before, after = Tokenizer(base_path), Tokenizer(out_path)
+  return {
+      "base_vocab_size": before.vocab_size,
+      "vocab_size": after.vocab_size,
+      "added": len(added),
+      "sample_added": added[:20],
+      "heldout_docs": len(held),
+      "tokens_per_char_before": round(tokens_per_char(before, held), 4),
+      "tokens_per_char_after": round(tokens_per_char(after, held), 4),
+      "path": str(out_path),
+  }
