@@ -32,7 +32,9 @@ def _load(spec: str):
   return getattr(m, f"{pre}add_args"), getattr(m, f"{pre}run")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+  """The parser; only `command`'s module is imported (so one broken module or a heavy
+  import never slows or breaks the others)."""
   p = argparse.ArgumentParser(
       prog="medjax", description="Adapt Llama 2 to the medical domain with JAX: "
       "continued pretraining, SFT and CMExam evaluation.")
@@ -42,14 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(name, help=help_, description=help_)
     sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                     help="show full tracebacks on errors")
-    add_args, _ = _load(spec)
-    add_args(sp)
+    if name == command:
+      add_args, _ = _load(spec)
+      add_args(sp)
   return p
 
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  parser = build_parser()
+  command = next((a for a in argv if not a.startswith("-")), None)
+  parser = build_parser(command)
   # `medjax train` takes absl-style --config.x=... overrides; pass unknown flags through.
   args, rest = parser.parse_known_args(argv)
   if args.command is None:
