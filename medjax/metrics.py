@@ -91,6 +91,9 @@ class Logger:
                            mfu=f"{rec['mfu']:.1%}")
     return rec
 
+  def reset_clock(self) -> None:
+    self.t_last = time.perf_counter()
+
   def log_eval(self, step: int, evals: dict) -> None:
     if evals:
       self._write({"step": step, **evals})

@@ -13,6 +13,48 @@ import ml_collections
 from medjax import config as config_lib
 from medjax.errors import ConfigError, DataError
 
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run config has, with CPU-demo defaults; configs/*.py change what differs."""
+  c = ml_collections.ConfigDict()
+  c.task = "cpt"  # cpt | sft
+  c.model = "tiny"  # preset, used when init_from is empty
+  c.init_from = "asset:tinystories-260k"  # HF dir, import-hf dir, or a previous workdir
+  c.model_overrides = ml_collections.ConfigDict(dict(
+      dtype="float32", scan_layers=True, remat="none", attention="einsum",
+      lora_rank=0, lora_alpha=16.0, lora_targets="q,k,v,o"))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = "asset:medical_text_sample.csv"  # comma-separated files or folders
+  c.data.columns = "title,ask,answer"  # CSV text columns ("" = defaults, see corpus.py)
+  c.data.replay = "asset:tinystories_sample.txt"  # general text mixed in against forgetting
+  c.data.replay_weight = 0.0  # fraction of rows drawn from `replay`
+  c.data.val_fraction = 0.05  # held out by a stable hash of each document / question
+  c.data.seq_len = 256
+  c.data.tokenizer = ""  # "" = the init checkpoint's tokenizer.model
+  c.data.with_explanation = False  # SFT: train on "answer + explanation"
+
+  c.batch_size = 16  # global, in sequences
+  c.accum_steps = 1  # micro-batches per step (same update as one big batch)
+  c.total_steps = 200
+  c.log_every = 10
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 2
+  c.eval_every = 100  # validation loss (+ the evals below); 0 = off
+  c.eval_batches = 4
+  c.seed = 0
+  c.nan_policy = "skip"  # skip | stop, on a non-finite loss or gradient
+  c.frozen = ""  # comma-separated param path prefixes kept fixed, e.g. "embedding"
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-3, warmup_steps=20, final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1, clip_norm=1.0))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.rules = ""  # "" = medjax.sharding.DEFAULT_RULES; else "logical=axis+axis;..."
+  c.eval = ml_collections.ConfigDict(dict(
+      cmexam="", cmexam_limit=40, text="asset:tinystories_sample.txt", text_limit=20))
+  return c
+
+
 REQUIRED = ("task", "total_steps", "log_every", "checkpoint_every", "seed", "batch_size",
             "mesh", "data", "optim")
 
@@ -141,14 +183,23 @@ def make_data(c, tokenizer, log):
     if problems:
       log(f"warning: {len(problems)} rows of {p} could not be parsed (listed above, first 5)")
     questions.extend(qs)
-  train, val = corpus.split_documents(questions, d.val_fraction, c.seed) if d.val_fraction else (
-      questions, [])
+  train, val = split_questions(questions, d.val_fraction, c.seed)
   if not train:
     raise DataError(f"data.train {d.train}: no questions")
   log(f"data: {len(train)} SFT questions, {len(val)} held out for validation")
   it = data.make_sft_iterator(train, tokenizer, d.seq_len, c.batch_size, seed=c.seed,
                               with_explanation=d.with_explanation, **kw)
   return it, (val or None)
+
+
+def split_questions(questions, val_fraction: float, seed: int):
+  """(train, held out) by a stable hash of each question's text and options."""
+  from medjax import corpus
+  train, val = [], []
+  for q in questions:
+    key = q.question + "\n" + "\n".join(q.options.values())
+    (val if corpus.is_validation(key, val_fraction, seed) else train).append(q)
+  return train, val
 
 
 def val_batches(c, val_source, tokenizer):
@@ -168,7 +219,10 @@ def extra_evals(c, cfg, params, tokenizer) -> dict:
   from medjax import evaluate
   if e.get("cmexam"):
     from medjax import cmexam
-    qs, _ = cmexam.read_cmexam(resolve(e.cmexam))
+    path = resolve(e.cmexam)
+    qs, _ = cmexam.read_cmexam(path)
+    if c.task == "sft" and path in paths(c.data.train):
+      qs = split_questions(qs, c.data.val_fraction, c.seed)[1]  # never score trained questions
     r = evaluate.evaluate_cmexam(cfg, params, tokenizer, qs[: e.cmexam_limit], method="loglik",
                                  progress=False)
     out["cmexam_acc"] = r["accuracy"]

@@ -59,7 +59,7 @@ def build_model(c) -> tuple[config_lib.LlamaConfig, dict | None, str | None]:
   src = runconfig.resolve(c.init_from) if c.init_from else ""
   if not src:
     return config_lib.preset(c.model, **over), None, None
-  if not os.path.exists(src):
+  if not src.startswith("gs://") and not os.path.exists(src):
     raise ConfigError(f"init_from={c.init_from!r}: {src} does not exist")
   if os.path.exists(os.path.join(src, "config.json")) and not modeldir.is_model_dir(src):
     cfg, params = hf.import_hf(src, scan_layers=over.get("scan_layers", True))
@@ -203,6 +203,7 @@ def main(c, workdir: str) -> dict:
         evals = run_eval(state["params"])
         logger.log_eval(step, evals)
         last.update(evals)
+        logger.reset_clock()  # tokens/s and MFU measure training, not evaluation
       if step % c.checkpoint_every == 0 or step == c.total_steps or preempt.requested:
         ckpt.save(step, state, train_it.get_state(), {"step": step, **_floats(last), **evals})
       if preempt.requested:
