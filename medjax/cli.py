@@ -17,10 +17,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("medjax.train", "continued pretraining or SFT from a config file"),
     "import-hf": ("medjax.convert_cli", "convert a Hugging Face Llama checkpoint to medjax"),
     "export-hf": ("medjax.convert_cli:export", "export a medjax checkpoint to Hugging Face format"),
+    "fit": ("medjax.fit", "compile the train step for a TPU topology; report HBM use and FLOPs"),
     "generate": ("medjax.eval_cli:generate", "generate text from a checkpoint"),
     "eval": ("medjax.eval_cli", "CMExam accuracy or text perplexity of a checkpoint"),
     "data": ("medjax.data_cli", "build, inspect and check datasets (build/show/overlap/bench)"),
     "tokenizer": ("medjax.data_cli:tokenizer", "extend a tokenizer with domain pieces"),
+    "bench": ("medjax.bench", "benchmarks side by side with Hugging Face (train/generate/...)"),
     "demo": ("medjax.demo", "the whole pipeline in miniature on the shipped samples (CPU)"),
 }
 

@@ -36,14 +36,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Returns:
     True if jax.distributed was initialized (now or before), False for a lone process.
   """
-  from jax._src import distributed as _dist  # no public "already initialized?" query
-  if _dist.global_state.client is not None:
+  global _initialized
+  if _initialized or _jax_says_initialized():
     return True
   explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
   if not explicit:
     if not (_on_cloud_tpu() or os.environ.get("JAX_COORDINATOR_ADDRESS")):
       return False
     jax.distributed.initialize()
+    _initialized = True
     return True
   if num_processes == 1:
     return False
@@ -55,7 +56,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     pass
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
+  _initialized = True
   return True
+
+
+_initialized = False  # set by `initialize`; covers jax releases without is_initialized()
+
+
+def _jax_says_initialized() -> bool:
+  """jax.distributed.is_initialized() where this jax has it (someone else may have joined)."""
+  fn = getattr(jax.distributed, "is_initialized", None)
+  return bool(fn()) if fn is not None else False
 
 
 def process_slice(global_batch_size: int, batch_sharding: NamedSharding | None = None) -> slice:

@@ -229,7 +229,7 @@ def extra_evals(c, cfg, params, tokenizer) -> dict:
   if e.get("text"):
     from medjax import corpus
     texts = corpus.read_texts(resolve(e.text))[: e.text_limit]
-    r = evaluate.perplexity(cfg, params, tokenizer, texts, seq_len=c.data.seq_len,
+    r = evaluate.perplexity(cfg, params, tokenizer, texts, max_len=c.data.seq_len,
                             progress=False)
     out["general_ppl"] = r["perplexity"]
   return out

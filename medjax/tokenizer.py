@@ -197,19 +197,32 @@ def extend_tokenizer(base_model_path: str | os.PathLike, texts: Sequence[str], a
 
   have = {p.piece for p in base.pieces}
   added = []
+  normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+  top = max((p.score for p in base.pieces if p.type == normal), default=0.0) + 1.0
+
+  def add(piece):
+    new = base.pieces.add()
+    new.piece, new.type = piece, sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    # Above every base score (Chinese-LLaMA-2 uses 0; Llama 2's are all <= -1), so BPE
+    # prefers the new domain pieces; strictly decreasing, so Hugging Face's converter orders
+    # the merges as SentencePiece does (equal scores tie-break differently there).
+    new.score = top - 1e-6 * len(added)
+    have.add(piece)
+    added.append(piece)
+
   for p in domain.pieces:
-    if len(added) >= add_n:
-      break
     # NORMAL pieces only: the domain model's <unk>/<s>/</s> duplicate the base control pieces.
     if p.type != sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL or p.piece in have:
       continue
-    new = base.pieces.add()
-    new.piece, new.type = p.piece, sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
-    # Score 0 as Chinese-LLaMA-2's merge script does: base scores are all negative, so
-    # BPE prefers the new (whole-word) domain pieces over base byte/char fragments.
-    new.score = 0.0
-    have.add(p.piece)
-    added.append(p.piece)
+    # A merged piece's characters go in first: SentencePiece can merge characters it does not
+    # have, but Hugging Face's converter derives BPE merges only from pieces in the vocabulary,
+    # so without them an exported tokenizer would byte-fallback where medjax does not.
+    chars = [ch for ch in dict.fromkeys(p.piece) if ch not in have]
+    if len(added) + len(chars) + 1 > add_n:
+      break
+    for ch in chars:
+      add(ch)
+    add(p.piece)
 
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

@@ -102,3 +102,21 @@ def test_extend_tokenizer(tmp_path, tiny_tok):
   assert report["tokens_per_char_after"] < report["tokens_per_char_before"]
   text = "患者男性，发热三天。"
   assert new.decode(new.encode(text)) == text
+
+
+def test_extended_tokenizer_matches_hugging_face_after_export(tmp_path, tiny_tok):
+  """The extended tokenizer is what `export-hf` ships: transformers must encode the same ids."""
+  transformers = pytest.importorskip("transformers")
+  from medjax import config as config_lib, hf
+  docs = _cmexam_questions(400)
+  report = extend_tokenizer(tiny_tok.path, docs[:300], add_n=300, out_dir=tmp_path / "ext")
+  out = tmp_path / "hf"
+  out.mkdir()
+  cfg = config_lib.LlamaConfig(vocab_size=report["vocab_size"])
+  hf.write_tokenizer_files(str(tmp_path / "ext" / "tokenizer.model"), str(out), cfg)
+  ours = Tokenizer(tmp_path / "ext" / "tokenizer.model")
+  theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+  held = [line for d in docs[300:] for line in d.splitlines() if line.strip() == line and line]
+  assert len(held) > 50
+  for line in held + TEXTS[:5]:
+    assert theirs(line)["input_ids"] == ours.encode(line, bos=True), line
