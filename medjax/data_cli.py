@@ -153,11 +153,19 @@ def tokenizer_add_args(parser: argparse.ArgumentParser) -> None:
   e.add_argument("--add", type=int, required=True, help="most pieces to add")
   e.add_argument("--out", required=True, help="output folder for tokenizer.model")
   e.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+  r = sub.add_parser("resize", help="grow a checkpoint's embeddings to an extended tokenizer")
+  r.add_argument("--checkpoint", required=True, help="medjax model dir or training workdir")
+  r.add_argument("--tokenizer", required=True, help="the extended tokenizer.model")
+  r.add_argument("--out", required=True, help="new model dir (input to train's init_from)")
 
 
 def tokenizer_run(args: argparse.Namespace) -> int:
   from medjax import corpus
   from medjax.tokenizer import extend_tokenizer
+  if args.tokenizer_command == "resize":
+    from medjax import vocab
+    vocab.resize_checkpoint(args.checkpoint, args.tokenizer, args.out)
+    return 0
   texts = corpus.read_texts(args.corpus)
   report = extend_tokenizer(args.base or _default_tokenizer(), texts, args.add, args.out,
                             model_type=args.model_type)

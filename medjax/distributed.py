@@ -41,7 +41,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return True
   explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
   if not explicit:
-    if not (_on_cloud_tpu() or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    # jax's cluster detection covers Cloud TPU and SLURM (several tasks); else a lone process.
+    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+    if not (_on_cloud_tpu() or slurm or os.environ.get("JAX_COORDINATOR_ADDRESS")):
       return False
     jax.distributed.initialize()
     _initialized = True

@@ -3,13 +3,23 @@
 What the paper fixes: a Llama 2 base, continued pretraining on ~1B tokens of Chinese medical
 text, then SFT on the CMExam train split (54,497 questions), evaluated by CMExam accuracy.
 The other settings are ours, with the reason next to each.
+
+`root` is the folder holding the imported model, the data and the runs (layout in README
+"Running on Cloud TPU"). It must be a local path: on a TPU VM, the GCS bucket mounted with
+gcsfuse (scripts/tpu_train.sh mounts gs://BUCKET at /gcs/BUCKET), because the data readers,
+run files and metrics use plain file I/O. configs/llama2_*.py take it as their argument:
+`--config configs/llama2_7b_cpt.py:/gcs/BUCKET/medjax`.
 """
 
 from __future__ import annotations
 
 from medjax.runconfig import base_config
 
+DEFAULT_ROOT = "/gcs/YOUR_BUCKET/medjax"
+
+
 def _common(c, size: str, bucket: str):
+  c.model = f"llama2-{size}"  # unused when init_from is set; `medjax fit --config` reads it
   c.init_from = f"{bucket}/llama2-{size}"  # `medjax import-hf` output of the HF checkpoint
   c.data.tokenizer = ""  # the checkpoint's; pass an extended one after vocab extension
   c.model_overrides.dtype = "bfloat16"  # bf16 compute, f32 master weights and Adam state
@@ -23,7 +33,7 @@ def _common(c, size: str, bucket: str):
   return c
 
 
-def paper_cpt(size: str, bucket: str = "gs://YOUR_BUCKET/medjax"):
+def paper_cpt(size: str, bucket: str = DEFAULT_ROOT):
   c = _common(base_config(), size, bucket)
   c.task = "cpt"
   c.data.train = f"{bucket}/data/medical_text"  # folder of .txt/.jsonl/.csv, ~1B tokens
@@ -44,7 +54,7 @@ def paper_cpt(size: str, bucket: str = "gs://YOUR_BUCKET/medjax"):
   return c
 
 
-def paper_sft(size: str, bucket: str = "gs://YOUR_BUCKET/medjax"):
+def paper_sft(size: str, bucket: str = DEFAULT_ROOT):
   c = _common(base_config(), size, bucket)
   c.task = "sft"
   c.init_from = f"{bucket}/runs/llama2-{size}-cpt"  # the CPT workdir

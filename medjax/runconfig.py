@@ -135,19 +135,11 @@ def optim(c) -> ml_collections.ConfigDict:
 def rules(c):
   """Logical->mesh rules: `c.rules` as 'embed=fsdp;heads=tensor;batch=data+fsdp' overrides
   the defaults entry by entry ('' = defaults; 'name=' = replicated)."""
-  from medjax.sharding import DEFAULT_RULES
-  table = dict(DEFAULT_RULES)
-  spec = c.get("rules", "") or ""
-  for item in filter(None, (x.strip() for x in spec.split(";"))):
-    if "=" not in item:
-      raise ConfigError(f"config.rules: {item!r} is not 'logical=axis[+axis]'")
-    name, axes = (s.strip() for s in item.split("=", 1))
-    bad = [a for a in axes.split("+") if a and a not in ("data", "fsdp", "tensor")]
-    if bad:
-      raise ConfigError(f"config.rules: unknown mesh axis {bad[0]!r} for {name!r}")
-    parts = tuple(a for a in axes.split("+") if a)
-    table[name] = None if not parts else parts[0] if len(parts) == 1 else parts
-  return tuple(table.items())
+  from medjax import sharding
+  try:
+    return sharding.parse_rules(c.get("rules", "") or "")
+  except ConfigError as e:
+    raise ConfigError(f"config.{e}") from None
 
 
 def _columns(c):
