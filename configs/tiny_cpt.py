@@ -10,6 +10,8 @@ from medjax.runconfig import base_config
 
 
 def get_config(arg=None):
+  if arg not in (None, "", "runlocal"):
+    raise ValueError(f"configs/tiny_cpt.py: unknown argument {arg!r} (runlocal)")
   c = base_config()
   c.task = "cpt"
   c.init_from = "asset:tinystories-260k"  # the real stories260K Llama, shipped in the package

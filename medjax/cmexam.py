@@ -190,6 +190,8 @@ def read_cmexam(path: str | os.PathLike) -> tuple[list[Question], list[Problem]]
         source=f"{path}:{line}"))
   if rows == 0:
     raise DataError(f"{path}: no data rows")
+  if not questions:  # every row is bad: most likely the wrong file or format
+    raise DataError(f"{problems[0]} (no row of the {rows} could be parsed)")
   return questions, problems
 
 

@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
       lora_rank=0, lora_alpha=16.0, lora_targets="q,k,v,o"))
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = "asset:medical_text_sample.csv"  # comma-separated files or folders
+  c.data.train = "asset:medical_text_sample.csv"  # comma-separated files/folders, or tfds:DIR
   c.data.columns = "title,ask,answer"  # CSV text columns ("" = defaults, see corpus.py)
   c.data.replay = "asset:tinystories_sample.txt"  # general text mixed in against forgetting
   c.data.replay_weight = 0.0  # fraction of rows drawn from `replay`
@@ -91,6 +91,11 @@ def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
 
 
 def _clean(msg: str) -> str:
+  # A config file that raised: ml_collections embeds the traceback; keep its last line.
+  if "Traceback (most recent call last)" in msg:
+    head = msg.split("Traceback", 1)[0]
+    last = [ln for ln in msg.strip().splitlines() if ln.strip()][-1]
+    msg = f"{head} {last}"
   return " ".join(msg.split())[:400]
 
 
@@ -147,15 +152,36 @@ def _columns(c):
   return tuple(x.strip() for x in cols.split(",") if x.strip()) or None
 
 
+def _built_dataset(spec: str) -> str | None:
+  """'tfds:DATA_DIR' (the --out of `medjax data build`) -> DATA_DIR; else None."""
+  return spec[len("tfds:"):] if spec.startswith("tfds:") else None
+
+
+def _optional_split(load) -> list:
+  try:
+    return load()
+  except DataError as e:
+    if "no split" not in str(e):
+      raise
+    return []
+
+
 def make_data(c, tokenizer, log):
   """(train iterator, validation source) for the task; validation is held out by hash."""
   import jax
   from medjax import cmexam, corpus, data
   d = c.data
   kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  built = _built_dataset(d.train)
   if c.task == "cpt":
-    docs = corpus.read_documents(paths(d.train), _columns(c))
-    train, val = corpus.split_documents(docs, d.val_fraction, c.seed)
+    if built:  # `medjax data build medical_text` output: its own train/validation splits
+      from medjax import datasets
+      train = [corpus.Document(t, built) for t in datasets.load_texts(built, "train")]
+      val = [corpus.Document(t, built)
+             for t in _optional_split(lambda: datasets.load_texts(built, "validation"))]
+    else:
+      docs = corpus.read_documents(paths(d.train), _columns(c))
+      train, val = corpus.split_documents(docs, d.val_fraction, c.seed)
     if not train:
       raise DataError(f"data.train {d.train}: no training documents after the split")
     source: Any = [x.text for x in train]
@@ -167,15 +193,20 @@ def make_data(c, tokenizer, log):
            else ""))
     it = data.make_cpt_iterator(source, tokenizer, d.seq_len, c.batch_size, seed=c.seed, **kw)
     return it, ([x.text for x in val] or None)
-  questions = []
-  for p in paths(d.train):
-    qs, problems = cmexam.read_cmexam(p)
-    for pr in problems[:5]:
-      log(f"warning: skipped {pr}")
-    if problems:
-      log(f"warning: {len(problems)} rows of {p} could not be parsed (listed above, first 5)")
-    questions.extend(qs)
-  train, val = split_questions(questions, d.val_fraction, c.seed)
+  if built:  # `medjax data build cmexam` output: train split, validation split if built
+    from medjax import datasets
+    train = datasets.load_questions(built, "train")
+    val = _optional_split(lambda: datasets.load_questions(built, "validation"))
+  else:
+    questions = []
+    for p in paths(d.train):
+      qs, problems = cmexam.read_cmexam(p)
+      for pr in problems[:5]:
+        log(f"warning: skipped {pr}")
+      if problems:
+        log(f"warning: {len(problems)} rows of {p} could not be parsed (listed above, first 5)")
+      questions.extend(qs)
+    train, val = split_questions(questions, d.val_fraction, c.seed)
   if not train:
     raise DataError(f"data.train {d.train}: no questions")
   log(f"data: {len(train)} SFT questions, {len(val)} held out for validation")

@@ -314,6 +314,32 @@ def test_tfds_medical_text_round_trip(tmp_path):
   assert set(val) == set(corpus.split_documents(texts, 0.02)[1])
 
 
+def test_training_reads_built_datasets(tmp_path, tiny_tok):
+  """`data.train = "tfds:DIR"` trains on the built train split, validates on its validation."""
+  from medjax import datasets, runconfig
+  texts = [f"病例{i}：患者发热{i}天。" for i in range(300)]
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "docs.txt").write_text("\n\n".join(texts), encoding="utf-8")
+  datasets.build("medical_text", tmp_path / "in", tmp_path / "tfds")
+  c = runconfig.base_config()
+  c.task, c.batch_size, c.data.seq_len = "cpt", 2, 32
+  c.data.train = f"tfds:{tmp_path / 'tfds'}"
+  it, val = runconfig.make_data(c, tiny_tok, log=lambda m: None)
+  assert sorted(val) == sorted(datasets.load_texts(tmp_path / "tfds", "validation"))
+  assert next(it)["inputs"].shape == (2, 32)
+  # SFT: a cmexam build with train.csv only has no validation split; none is invented.
+  import csv
+  with open(data.asset_path("cmexam_sample.csv"), encoding="utf-8", newline="") as f:
+    rows = list(csv.reader(f))[:41]  # header + 40 questions
+  (tmp_path / "cm").mkdir()
+  with open(tmp_path / "cm" / "train.csv", "w", encoding="utf-8", newline="") as f:
+    csv.writer(f).writerows(rows)
+  datasets.build("cmexam", tmp_path / "cm", tmp_path / "tfds")
+  c.task, c.data.seq_len = "sft", 256
+  it, val = runconfig.make_data(c, tiny_tok, log=lambda m: None)
+  assert val is None and next(it)["loss_mask"].sum() > 0
+
+
 def test_asset_path():
   assert data.asset_path("tinystories-260k/tokenizer.model").is_file()
   assert data.asset_path("cmexam_sample.csv").stat().st_size < 1_500_000

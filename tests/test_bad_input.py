@@ -1,0 +1,240 @@
+"""Bad input through the CLI: a one-line error naming the file/field/value, exit 1, no
+traceback, and nothing written half-way. Each case runs `medjax.cli.main` in-process and fails
+before any compile, so the whole file takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medjax import cli, convert, safetensors_io
+from medjax.config import LlamaConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TOKENIZER = "asset:tinystories-260k/tokenizer.model"
+HF = dict(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=48,
+          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+          max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+          architectures=["LlamaForCausalLM"])
+
+
+def write_hf(d: Path, config: dict | None = None, drop: str | None = None,
+             reshape: str | None = None) -> Path:
+  """A tiny HF Llama dir written without torch: config.json + model.safetensors (zeros),
+  optionally missing tensor `drop` or with tensor `reshape` one row short."""
+  d.mkdir(parents=True, exist_ok=True)
+  (d / "config.json").write_text(json.dumps(config or HF))
+  c = {k: v for k, v in HF.items() if k not in ("model_type", "architectures")}
+  cfg = LlamaConfig(**c)
+  specs = []
+  for k in convert.hf_keys(cfg):
+    shape = convert.hf_shape(cfg, k)
+    if k == drop:
+      continue
+    if k == reshape:
+      shape = (shape[0] - 1, *shape[1:])
+    specs.append((k, shape, np.dtype(np.float32)))
+  shapes = {k: s for k, s, _ in specs}
+  safetensors_io.write_file(str(d / "model.safetensors"), specs,
+                            lambda k: np.zeros(shapes[k], np.float32))
+  return d
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """Shared fixtures: a good HF dir, its medjax import (no tokenizer), a corpus."""
+  root = tmp_path_factory.mktemp("bad_input")
+  hf = write_hf(root / "hf")
+  assert cli.main(["import-hf", str(hf), str(root / "ckpt")]) == 0
+  rng = np.random.default_rng(0)
+  words = ["fever", "cough", "heart", "blood", "lung", "pain"]
+  (root / "corpus.txt").write_text(
+      "\n\n".join(" ".join(rng.choice(words, 30)) for _ in range(20)))
+  return root
+
+
+def train_args(root: Path, *overrides: str) -> list[str]:
+  base = {"init_from": "", "model": "tiny", "data.train": str(root / "corpus.txt"),
+          "data.replay": "", "data.seq_len": 64, "batch_size": 4, "total_steps": 2,
+          "eval_every": 0, "eval.text": "", "data.tokenizer": TOKENIZER}
+  return (["train", "--config", str(CONFIGS / "tiny_cpt.py"), "--workdir", str(root / "w")]
+          + [f"--config.{k}={v}" for k, v in base.items()] + list(overrides))
+
+
+def _bad_hf(root: Path, **kw) -> Path:
+  return write_hf(root / "hf_case", **kw)
+
+
+# (id, make(root) -> argv, needle in the error line, path that must not be written).
+# `root` is a fresh per-case directory holding copies of the shared fixtures.
+CASES = [
+    ("unknown-config-field", lambda r: train_args(r, "--config.totl_steps=3"),
+     "totl_steps", "w"),
+    ("wrong-type-override", lambda r: train_args(r, "--config.total_steps=abc"),
+     "total_steps", "w"),
+    ("missing-config-file",
+     lambda r: ["train", "--config", str(r / "nope.py"), "--workdir", str(r / "w")],
+     "nope.py: config file not found", "w"),
+    ("bad-nan-policy", lambda r: train_args(r, "--config.nan_policy=ignore"),
+     "nan_policy", "w"),
+    ("unknown-model-preset", lambda r: train_args(r, "--config.model=llama9"),
+     "llama9", "w"),
+    ("hf-dir-without-config-json",
+     lambda r: (os.remove(_bad_hf(r) / "config.json"),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[1],
+     "no config.json", "out"),
+    ("hf-config-not-json",
+     lambda r: ((_bad_hf(r) / "config.json").write_text("{oops"),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[1],
+     "config.json: not valid JSON", "out"),
+    ("hf-model-type-not-llama",
+     lambda r: (_bad_hf(r, config={**HF, "model_type": "mistral"}),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[1],
+     "model_type='mistral'", "out"),
+    ("unsupported-rope-scaling",
+     lambda r: (_bad_hf(r, config={**HF, "rope_scaling": {"type": "linear", "factor": 2.0}}),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[1],
+     "rope_scaling type 'linear'", "out"),
+    ("trust-remote-code-auto-map",
+     lambda r: (_bad_hf(r, config={**HF, "auto_map": {
+         "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[1],
+     "auto_map", "out"),
+    ("safetensors-missing-tensor",
+     lambda r: (_bad_hf(r, drop="model.norm.weight"),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[1],
+     "missing tensor(s) model.norm.weight", "out"),
+    ("safetensors-misshapen-tensor",
+     lambda r: (_bad_hf(r, reshape="model.layers.0.mlp.up_proj.weight"),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[1],
+     "'model.layers.0.mlp.up_proj.weight' has shape (47, 32)", "out"),
+    ("safetensors-truncated",
+     lambda r: ((_bad_hf(r) / "model.safetensors").write_bytes(b"\x10\x00"),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[1],
+     "model.safetensors: truncated safetensors file", "out"),
+    ("pytorch-bin-pickle",
+     lambda r: (os.remove(_bad_hf(r) / "model.safetensors"),
+                (r / "hf_case" / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01."),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[2],
+     "pytorch_model.bin: refusing to load a PyTorch pickle", "out"),
+    ("pt-pickle",
+     lambda r: (os.remove(_bad_hf(r) / "model.safetensors"),
+                (r / "hf_case" / "consolidated.00.pt").write_bytes(b"\x80\x04K\x01."),
+                ["import-hf", str(r / "hf_case"), str(r / "out")])[2],
+     "consolidated.00.pt: refusing to load a PyTorch pickle", "out"),
+    ("cmexam-missing-columns",
+     lambda r: ((r / "q.csv").write_text("Question,Options\n问,A 甲\\nB 乙\n"),
+                ["eval", "--checkpoint", str(r / "ckpt"), "--cmexam", str(r / "q.csv"),
+                 "--out", str(r / "res.json")])[1],
+     "q.csv:1: missing column 'Answer'", "res.json"),
+    ("cmexam-unparseable-options",
+     lambda r: ((r / "q.csv").write_text(
+         "Question,Options,Answer,Explanation\n问题,甲乙丙丁,A,\n"),
+                ["eval", "--checkpoint", str(r / "ckpt"), "--cmexam", str(r / "q.csv"),
+                 "--out", str(r / "res.json")])[1],
+     "q.csv:2: option line '甲乙丙丁'", "res.json"),
+    ("non-utf8-text",
+     lambda r: ((r / "gbk.txt").write_bytes("发热咳嗽\n\n胸痛".encode("gbk")),
+                ["eval", "--checkpoint", str(r / "ckpt"), "--text", str(r / "gbk.txt"),
+                 "--out", str(r / "res.json")])[1],
+     "gbk.txt:1: not UTF-8", "res.json"),
+    ("empty-corpus",
+     lambda r: ((r / "empty.txt").write_text("\n\n"),
+                train_args(r, f"--config.data.train={r / 'empty.txt'}"))[1],
+     "empty.txt: no documents", "w"),
+    ("missing-corpus", lambda r: train_args(r, f"--config.data.train={r / 'nope.txt'}"),
+     "nope.txt: no such file", "w"),
+    ("seq-len-beyond-positions", lambda r: train_args(r, "--config.data.seq_len=4096"),
+     "data.seq_len=4096 exceeds the model's max_position_embeddings=512", "w"),
+    ("tokenizer-larger-than-embedding", lambda r: train_args(r, "--config.model=tiny-mha"),
+     "vocabulary 512 is larger than the model's embedding table (301)", "w"),
+    ("init-checkpoint-shape-mismatch",
+     lambda r: (_edit_json(r / "ckpt" / "model_config.json", hidden_size=48),
+                train_args(r, f"--config.init_from={r / 'ckpt'}"))[1],
+     "parameter embedding has shape (97, 32), the model config needs (97, 48)", "w"),
+    ("resume-workdir-of-another-model",
+     lambda r: (_fake_run(r / "w"), train_args(r))[1],
+     "checkpoints/1: saved state has ['params']['embedding'] of shape (3, 5)", None),
+    ("mesh-does-not-divide-devices", lambda r: train_args(r, "--config.mesh.fsdp=2"),
+     "does not divide the 1 devices", "w"),
+    ("batch-not-divisible-by-data-parallel",
+     lambda r: train_args(r, "--config.batch_size=3", "--config.accum_steps=2"),
+     "batch_size=3 must be divisible", "w"),
+    ("unwritable-workdir",
+     lambda r: ((r / "file").write_text("x"),
+                train_args(r) + ["--workdir", str(r / "file" / "w")])[1],
+     "not writable", "file/w"),
+    ("export-into-non-empty-dir",
+     lambda r: ((r / "out").mkdir(), (r / "out" / "keep.txt").write_text("mine"),
+                ["export-hf", str(r / "ckpt"), str(r / "out")])[2],
+     "out: directory is not empty (pass --overwrite", None),
+    ("import-into-non-empty-dir",
+     lambda r: ((r / "out").mkdir(), (r / "out" / "keep.txt").write_text("mine"),
+                ["import-hf", str(r / "hf"), str(r / "out")])[2],
+     "out: directory is not empty (pass --overwrite", None),
+    ("eval-checkpoint-without-tokenizer",
+     lambda r: ((r / "t.txt").write_text("fever and cough"),
+                ["eval", "--checkpoint", str(r / "ckpt"), "--text", str(r / "t.txt"),
+                 "--out", str(r / "res.json")])[1],
+     "ckpt: checkpoint has no tokenizer.model", "res.json"),
+    ("eval-missing-checkpoint",
+     lambda r: ((r / "t.txt").write_text("fever"),
+                ["eval", "--checkpoint", str(r / "nope"), "--text", str(r / "t.txt"),
+                 "--out", str(r / "res.json")])[1],
+     "nope: no such checkpoint", "res.json"),
+    ("eval-bad-limit",
+     lambda r: ["eval", "--checkpoint", str(r / "ckpt"), "--text", str(r / "corpus.txt"),
+                "--limit", "0", "--out", str(r / "res.json")],
+     "--limit 0: must be >= 1", "res.json"),
+]
+
+
+def _fake_run(workdir: Path) -> None:
+  """A workdir whose checkpoint holds some other model's state."""
+  import jax.numpy as jnp
+  from medjax import checkpoint
+  ck = checkpoint.Checkpointer(str(workdir))
+  ck.save(1, {"params": {"embedding": jnp.zeros((3, 5))}}, {}, {"step": 1})
+  ck.close()
+
+
+def _edit_json(path: Path, **kw) -> None:
+  d = json.loads(path.read_text())
+  d.update(kw)
+  path.write_text(json.dumps(d))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+          if p.is_file()}
+
+
+@pytest.mark.parametrize("make,needle,absent", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(files, tmp_path, capsys, make, needle, absent):
+  root = tmp_path / "case"
+  shutil.copytree(files, root)
+  argv = make(root)
+  before = _snapshot(root)
+  capsys.readouterr()
+  rc = cli.main(argv)
+  err = capsys.readouterr().err
+  lines = [ln for ln in err.splitlines() if ln.strip()]
+  assert rc == 1, err
+  assert "Traceback" not in err, err
+  assert len(lines) == 1 and lines[0].startswith(f"medjax {argv[0]}: error: "), err
+  assert needle in lines[0], lines[0]
+  if absent:
+    assert not (root / absent).exists(), f"{absent} was written: {err}"
+  assert _snapshot(root) == before  # nothing written or changed anywhere
+
+
+def test_debug_shows_the_traceback(files, tmp_path):
+  from medjax.errors import ConfigError
+  with pytest.raises(ConfigError, match="totl_steps"):
+    cli.main(["--debug"] + train_args(files, "--config.totl_steps=3"))
