@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from medjax import modeldir
+from medjax import lora, modeldir
 from medjax.config import LlamaConfig
 from medjax.errors import CheckpointError
 
@@ -90,6 +90,30 @@ def fingerprint(tree) -> jax.Array:
 
 def _host_fingerprint(tree) -> list[int]:
   return [int(v) for v in jax.device_get(fingerprint(tree))]
+
+
+class SavedState:
+  """What a checkpoint holds of the train state.
+
+  Everything, except under LoRA: the frozen base weights are left out (a 7B base is ~28 GB
+  per checkpoint; its adapters are ~0.1%); they are re-read from the run's `init_from` on
+  resume (`complete`) and by `restore_workdir_params` for eval/export.
+  """
+
+  def __init__(self, cfg: LlamaConfig):
+    self.partial = bool(cfg.lora_rank)
+
+  def select(self, state: dict) -> dict:
+    if not self.partial:
+      return state
+    flat = modeldir.flatten(state["params"])
+    return {**state, "params": modeldir.unflatten(
+        {k: v for k, v in flat.items() if lora.is_lora_path(k)})}
+
+  def complete(self, saved: dict, fresh: dict) -> dict:
+    """`saved` (adapters, optimizer state, step, rng) on top of `fresh`'s base weights."""
+    params = {**modeldir.flatten(fresh["params"]), **modeldir.flatten(saved["params"])}
+    return {**saved, "params": modeldir.unflatten(params)}
 
 
 class Checkpointer:
@@ -298,9 +322,14 @@ def read_step(step_dir: str) -> tuple[dict, dict]:
   """(state as saved, meta) of one step dir, checked against its fingerprint; no config
   needed (for tools that audit a workdir). CheckpointError if it is damaged."""
   try:
-    with warnings.catch_warnings():  # "sharding info not provided": host arrays are wanted
-      warnings.simplefilter("ignore", UserWarning)
-      state = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"))
+    # Onto one local device, whatever mesh wrote it (an audit needs no mesh).
+    ckptr, sdir = ocp.PyTreeCheckpointer(), os.path.join(step_dir, "state")
+    md = ckptr.metadata(sdir)
+    tree = modeldir._as_dict(getattr(md, "item_metadata", None) or getattr(md, "tree", None)
+                             or md)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=one), tree)
+    state = ckptr.restore(sdir, args=ocp.args.PyTreeRestore(restore_args=args))
     with open(os.path.join(step_dir, "meta", "metadata")) as f:
       meta = json.load(f)
   except Exception as e:
@@ -368,7 +397,10 @@ def restore_workdir_params(workdir: str, cfg: LlamaConfig, shardings=None) -> di
       got = ckptr.restore(sdir, args=ocp.args.PyTreeRestore(
           item={"params": item}, restore_args={"params": restore_args}, partial_restore=True))
       _check_params(os.path.join(d, str(step)), tree, got["params"])
-      params = modeldir.to_layout(modeldir._as_dict(got["params"]), cfg)
+      params = modeldir._as_dict(got["params"])
+      if all(lora.is_lora_path(k) for k in modeldir.flatten(params)):  # adapters only
+        params = _with_lora_base(workdir, params)
+      params = modeldir.to_layout(params, cfg)
       modeldir.check_shapes(params, cfg, sdir)
       return jax.device_put(params, shardings) if shardings is not None else params
     except CheckpointError:
@@ -377,6 +409,29 @@ def restore_workdir_params(workdir: str, cfg: LlamaConfig, shardings=None) -> di
       msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
       _log(f"warning: checkpoint {sdir} is corrupt ({msg}); trying the previous one")
   raise CheckpointError(f"{workdir}: no checkpoint could be restored")
+
+
+def _with_lora_base(workdir: str, adapters: dict) -> dict:
+  """A LoRA run's checkpoint holds only adapters: rebuild its base as training did (from
+  the run's saved config and `init_from`) and put the trained adapters on it."""
+  import ml_collections
+  from medjax import train  # train imports this module
+  path = os.path.join(workdir, "run_config.json")
+  try:
+    with open(path) as f:
+      c = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read the LoRA run's config, needed to rebuild its "
+                          f"base weights ({e})") from None
+  try:
+    cfg, params, _ = train.build_model(c)
+    if params is None:  # random init: the same draw as the run's (seed-determined)
+      from medjax import model as model_lib
+      params = model_lib.init_params(cfg, jax.random.PRNGKey(c.seed))
+  except Exception as e:
+    raise CheckpointError(f"{workdir}: LoRA checkpoints hold only adapters; the base "
+                          f"init_from={c.get('init_from')!r} could not be loaded ({e})") from None
+  return modeldir.unflatten({**modeldir.flatten(params), **modeldir.flatten(adapters)})
 
 
 def _check_params(step_dir: str, saved_tree, params) -> None:

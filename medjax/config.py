@@ -14,6 +14,17 @@ from typing import Any
 from medjax.errors import ConfigError
 
 
+ATTENTION = ("einsum", "dot_product", "splash", "auto")
+# What a layer keeps for the backward pass (the rest is recomputed):
+#   none: everything; full: only the layer's input;
+#   dots_saveable: every matmul output (jax.checkpoint_policies.checkpoint_dots);
+#   dots_no_batch: matmuls with weights, not attention's batched ones
+#     (checkpoint_dots_with_no_batch_dims);
+#   offload: as full, but the layer inputs wait in host memory (TPU; frees B*T*D*L*2
+#     bytes of HBM, 1 GiB per 4096-token sequence for 7B, for host<->HBM copies).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch", "offload")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Llama 2 architecture (field names follow HF's `LlamaConfig` where they exist)."""
@@ -35,8 +46,12 @@ class LlamaConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
   scan_layers: bool = False
-  remat: str = "none"  # none | full | dots_saveable
-  attention: str = "einsum"  # einsum | dot_product (jax.nn.dot_product_attention)
+  remat: str = "none"  # one of REMAT_POLICIES
+  # einsum (reference) | dot_product (jax.nn.dot_product_attention, cuDNN flash on GPU) |
+  # splash (Pallas TPU kernel, medjax.attention_tpu) | auto (splash when compiling for TPU,
+  # else einsum). splash/auto fall back to einsum for KV-cache decoding and lengths that
+  # are not a multiple of 128.
+  attention: str = "einsum"
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
@@ -52,10 +67,10 @@ class LlamaConfig:
           f"hidden_size={self.hidden_size} is not divisible by "
           f"num_attention_heads={self.num_attention_heads}; set head_dim"
       )
-    if self.remat not in ("none", "full", "dots_saveable"):
-      raise ConfigError(f"remat={self.remat!r}: expected none, full or dots_saveable")
-    if self.attention not in ("einsum", "dot_product"):
-      raise ConfigError(f"attention={self.attention!r}: expected einsum or dot_product")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION:
+      raise ConfigError(f"attention={self.attention!r}: expected one of {', '.join(ATTENTION)}")
     bad = set(self.lora_targets) - {"q", "k", "v", "o", "gate", "up", "down"}
     if bad:
       raise ConfigError(f"lora_targets: unknown projections {sorted(bad)}")

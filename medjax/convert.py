@@ -157,6 +157,42 @@ def iter_hf_params(cfg: LlamaConfig, hf_dir: str, dtype=np.float32
                           + (" ..." if len(missing) > 5 else ""))
 
 
+def index_hf_params(cfg: LlamaConfig, hf_dir: str) -> dict[str, tuple[str, str, str, tuple]]:
+  """Where each tensor lives, from the shard headers only, with `iter_hf_params`' checks.
+
+  Returns:
+    {medjax per-layer path: (HF key, transform, file, (header, data_start))}, for reading
+    tensors in any order with `read_hf_param`.
+  """
+  expected = set(hf_keys(cfg))
+  out = {}
+  for path in find_weight_files(hf_dir):
+    header, start = safetensors_io.read_header(path)
+    for key, info in header.items():
+      if _IGNORED.match(key) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+        continue
+      hit = lookup(key)
+      if hit is None or key not in expected:
+        raise CheckpointError(f"{path}: unexpected tensor {key!r} for this config.json "
+                              f"({cfg.num_hidden_layers} layers)")
+      if tuple(info["shape"]) != hf_shape(cfg, key):
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(info['shape'])}, "
+                              f"config.json implies {hf_shape(cfg, key)}")
+      out[hit[0]] = (key, hit[1], path, (header, start))
+  missing = sorted(expected - {v[0] for v in out.values()})
+  if missing:
+    raise CheckpointError(f"{hf_dir}: missing tensor(s) {', '.join(missing[:5])}"
+                          + (" ..." if len(missing) > 5 else ""))
+  return out
+
+
+def read_hf_param(cfg: LlamaConfig, entry, dtype=np.float32) -> np.ndarray:
+  """One `index_hf_params` entry, read and laid out as medjax stores it."""
+  key, kind, path, (header, start) = entry
+  w = safetensors_io.read_tensor(path, key, header, start)
+  return to_medjax(cfg, kind, w.astype(dtype, copy=False))
+
+
 def medjax_to_hf_items(cfg: LlamaConfig) -> list[tuple[str, str, str]]:
   """(HF key, medjax per-layer path, transform) for every HF tensor."""
   out = []

@@ -17,7 +17,7 @@ def run(args):
   from medjax.errors import CheckpointError
   if os.path.exists(args.out_dir) and os.listdir(args.out_dir) and not args.overwrite:
     raise CheckpointError(f"{args.out_dir}: directory is not empty (pass --overwrite)")
-  hf.import_hf(args.hf_dir, args.out_dir, scan_layers=args.scan)
+  hf.import_hf_streaming(args.hf_dir, args.out_dir, scan_layers=args.scan)  # low memory
 
 
 def export_add_args(p):

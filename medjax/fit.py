@@ -19,6 +19,8 @@ import re
 import time
 import types
 
+from medjax.config import ATTENTION, REMAT_POLICIES
+
 GIB = 1 << 30
 
 
@@ -138,41 +140,65 @@ def fit_report(cfg, topology: str, seq_len: int, global_batch: int,
 
   step = sharding.jit_train_step(cfg, optimizer, schedule, mesh, shardings, rules,
                                  accum_steps=accum_steps)
-  t0 = time.time()
+  t0, c0 = time.time(), time.process_time()
   lowered = step.lower(state, batch)
+  lower_s = time.time() - t0
   out = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape),
          "hbm": chip.hbm_bytes, "note": note, "specs": {k: str(v) for k, v in specs.items()},
-         "replication": replication, "state_per_chip": state_bytes,
+         "replication": replication, "state_per_chip": state_bytes, "lower_s": lower_s,
          "params": cfg.num_params(), "seq_len": seq_len, "global_batch": global_batch,
-         "scan": cfg.scan_layers}
+         "scan": cfg.scan_layers, "remat": cfg.remat,
+         "attention": _attention_used(cfg, seq_len, devices)}
   try:
     compiled = lowered.compile(compiler_options)
   except Exception as e:  # XLA:TPU refuses a program that overflows HBM
     msg = str(e)
     if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
       raise
-    out.update(compile_s=time.time() - t0, fits=False, error=msg.splitlines()[0][:400])
+    out.update(compile_s=time.time() - t0, compile_cpu_s=time.process_time() - c0, fits=False,
+               error=msg.splitlines()[0][:400], pallas_kernels=_kernels(lowered))
     out.update(_analytic(cfg, seq_len, global_batch, len(devices), chip))
-    # e.g. "... required for HLO temporaries (35.08G) exceeds available HBM (15.75G)".
+    # e.g. "... required for HLO temporaries (35.08G) exceeds available HBM (15.75G)". The
+    # figure is the whole heap the compiler laid out, arguments (the state) included.
     m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", msg)
     if m:
-      temp = float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": GIB, "T": 1 << 40}[m.group(2)]
-      out.update(temporaries=temp, total=state_bytes + temp)  # at least: state + temps
+      need = float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": GIB, "T": 1 << 40}[m.group(2)]
+      out.update(total=max(need, state_bytes), temporaries=max(need - state_bytes, 0))
     return out
-  out["compile_s"] = time.time() - t0
+  # Wall time includes waiting for a shared CPU; process time is this compile's own work.
+  out.update(compile_s=time.time() - t0, compile_cpu_s=time.process_time() - c0,
+             pallas_kernels=_kernels(lowered))
   mem = compiled.memory_analysis()
   args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
   alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
   code = mem.generated_code_size_in_bytes
-  # Donated state buffers are reused for the outputs: count them once.
-  total = args + outs - alias + temp + code
+  # XLA's peak is its heap, arguments included, which is what it checks against HBM; the
+  # temporaries buffer overlaps the arguments' lifetimes, so arguments + temporaries (what
+  # MaxText prints) overstates it (17.9 vs 13.4 GiB for 7B, 4 rows per chip on v5e-16).
+  peak = getattr(mem, "peak_memory_in_bytes", 0)
+  # Without a peak (CPU): donated state buffers are reused for the outputs, count them once.
+  total = peak or args + outs - alias + temp + code
   out.update(arguments=args, outputs=outs, aliased=alias, temporaries=temp, code=code,
-             total=total, fits=total <= chip.hbm_bytes)
+             peak=peak, total=total, fits=total <= chip.hbm_bytes,
+             host_temporaries=getattr(mem, "host_temp_size_in_bytes", 0))  # remat="offload"
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   out["xla_flops"] = float(cost.get("flops", 0.0)) * len(devices)  # cost is per device
   out.update(_analytic(cfg, seq_len, global_batch, len(devices), chip))
   return out
+
+
+def _kernels(lowered) -> int:
+  """Pallas kernels in the program (splash attention: forward, and dq, dkv for backward)."""
+  return lowered.as_text().count("custom_call @tpu_custom_call")
+
+
+def _attention_used(cfg, seq_len: int, devices) -> str:
+  from medjax import attention_tpu
+  if cfg.attention == "auto":
+    tpu = devices[0].platform == "tpu"
+    return "splash" if tpu and attention_tpu.supported(seq_len, seq_len) else "einsum"
+  return cfg.attention
 
 
 def _analytic(cfg, seq_len, global_batch, chips, chip: Chip) -> dict:
@@ -191,7 +217,8 @@ def format_report(r: dict) -> str:
   lines += [f"    {k:<24} {v}" for k, v in r["specs"].items()]
   if r["replication"]:
     lines.append(f"  WARNING: {r['replication']}")
-  lines.append(f"  compile: {r['compile_s']:.1f} s")
+  lines.append(f"  compile: {r['compile_s']:.1f} s ({r.get('compile_cpu_s', 0):.1f} s CPU), "
+               f"{r['attention']} attention, remat {r['remat']}")
   lines.append(f"  per chip: train state      {g(r['state_per_chip'])}")
   if "arguments" not in r and "temporaries" in r:
     lines.append(f"            temporaries      {g(r['temporaries'])} (from the compiler's error)")
@@ -200,9 +227,15 @@ def format_report(r: dict) -> str:
               f"            outputs          {g(r['outputs'])} ({g(r['aliased']).strip()} "
               "reuse donated inputs)",
               f"            temporaries      {g(r['temporaries'])}",
-              f"            code             {g(r['code'])}"]
+              f"            code             {g(r['code'])}",
+              f"            args + temps     {g(r['arguments'] + r['temporaries'])} (MaxText's "
+              "figure; overlaps)"]
+    if r.get("host_temporaries"):
+      lines.append(f"            host memory      {g(r['host_temporaries'])} (offloaded "
+                   "activations)")
   if "total" in r:
-    lines.append(f"            total            {g(r['total'])} of {g(r['hbm']).strip()} HBM")
+    what = "XLA peak" if r.get("peak") else "total"
+    lines.append(f"            {what:<16} {g(r['total'])} of {g(r['hbm']).strip()} HBM")
   if "error" in r:
     lines.append(f"  compiler: {r['error']}")
   verdict = "FITS" if r["fits"] else "DOES NOT FIT"
@@ -227,7 +260,10 @@ def add_args(p):
   p.add_argument("--seq-len", type=int)
   p.add_argument("--batch-per-device", type=int, help="rows per chip (default 1)")
   p.add_argument("--mesh", help="data,fsdp,tensor sizes, one may be -1 (default 1,-1,1)")
-  p.add_argument("--remat", choices=["full", "dots_saveable", "none"])
+  p.add_argument("--remat", choices=REMAT_POLICIES, help="what each layer keeps for the "
+                 "backward pass (default full; offload keeps layer inputs in host memory)")
+  p.add_argument("--attention", choices=ATTENTION,
+                 help="default auto: the splash kernel on TPU, einsum for CPU estimates")
   p.add_argument("--dtype", help="compute dtype (default bfloat16)")
   p.add_argument("--no-scan", dest="scan", action="store_false", default=None,
                  help="unrolled layers (slower to compile)")
@@ -270,7 +306,9 @@ def run(args):
   overrides.setdefault("dtype", "bfloat16")
   overrides.setdefault("scan_layers", True)
   overrides.setdefault("remat", "full")
-  for flag, field in (("dtype", "dtype"), ("remat", "remat"), ("scan", "scan_layers")):
+  overrides.setdefault("attention", "auto")
+  for flag, field in (("dtype", "dtype"), ("remat", "remat"), ("scan", "scan_layers"),
+                      ("attention", "attention")):
     if getattr(args, flag) is not None:
       overrides[field] = getattr(args, flag)
   cfg = config_lib.preset(args.model or c.get("model", "llama2-7b"), **overrides)
@@ -282,3 +320,62 @@ def run(args):
                  accum_steps=args.accum_steps or c.get("accum_steps", 1), cpu=args.cpu)
   print(format_report(r))
   return 0 if r["fits"] else 3
+
+
+# `medjax bench fit`: the issue's table. MaxText's figures are its own compiles (arguments +
+# temporaries per chip) at the same settings: seq 4096, fp32 weights + AdamW, bf16
+# activations, full remat, pure FSDP; None where it has no figure for that case.
+BENCH_CASES = (  # (preset, topology, slice, rows per chip, LlamaConfig overrides, MaxText GiB)
+    ("llama2-7b", "v5p:2x2x1", "v5p-8", 1, {}, 31.6),
+    ("llama2-7b", "v5p:2x2x1", "v5p-8", 4, {}, 41.2),
+    ("llama2-13b", "v5p:2x2x2", "v5p-16", 1, {}, 33.0),
+    ("llama2-13b", "v5p:2x2x2", "v5p-16", 4, {}, 48.9),
+    ("llama2-70b", "v5p:2x2x4", "v5p-32", 1, {}, 87.7),
+    ("llama2-7b", "v5e:4x4", "v5e-16", 4, {}, "fits"),
+    ("llama2-7b", "v5e:4x4", "v5e-16", 5, {}, None),
+    ("llama2-7b", "v5e:4x4", "v5e-16", 6, {}, "does not fit"),
+    # Layer inputs wait in host memory instead (1 GiB per row for 7B).
+    ("llama2-7b", "v5e:4x4", "v5e-16", 5, {"remat": "offload"}, None),
+    ("llama2-7b", "v5e:4x4", "v5e-16", 6, {"remat": "offload"}, None),
+)
+# A compile of a few seconds for tests: every piece of the real step, tiny shapes.
+QUICK_CASES = (("tiny", "v5e:2x2", "v5e-4", 2, {}, None),)
+
+
+def bench_cases(quick: bool) -> list[dict]:
+  """Compiles each case of the fit table (TPU via libtpu, else CPU estimates).
+
+  Args:
+    quick: one tiny-model case (seconds) instead of the 7B-70B table (minutes each).
+  Returns:
+    One dict per case: model, topology, batch_per_device, fits, per_device_gib (arguments
+    + temporaries, as MaxText reports; the compiler's whole-heap figure when it does not
+    fit), peak_gib (XLA's peak heap, what it checks against HBM), hbm_gib, compile_s,
+    compile_cpu_s, remat, attention, host_gib (offloaded activations), maxtext (its
+    figure or verdict), note, error.
+  """
+  from medjax import config as config_lib
+  from medjax.errors import ConfigError
+  seq = 256 if quick else 4096
+  rows = []
+  for preset, topo, name, per_chip, over, maxtext in QUICK_CASES if quick else BENCH_CASES:
+    kw = dict(dtype="bfloat16", scan_layers=True, remat="full", attention="auto") | over
+    cfg = config_lib.preset(preset, **kw)
+    chips = math.prod(parse_topology(topo)[1])
+    try:
+      r = fit_report(cfg, topo, seq, per_chip * chips)
+    except ConfigError:  # no libtpu and too few CPU devices for a 4-chip estimate
+      if not quick:
+        raise
+      topo, name, chips = "v5e:1x1", "v5e-1", 1
+      r = fit_report(cfg, topo, seq, per_chip)
+    # Arguments + temporaries as MaxText reports them; if the compiler refused, its figure.
+    need = r["arguments"] + r["temporaries"] if "arguments" in r else r.get("total", math.nan)
+    rows.append({"model": f"{preset} seq {seq}", "topology": f"{name} ({topo})",
+                 "batch_per_device": per_chip, "fits": r["fits"], "per_device_gib": need / GIB,
+                 "peak_gib": r.get("total", math.nan) / GIB,
+                 "hbm_gib": r["hbm"] / GIB, "compile_s": r["compile_s"],
+                 "compile_cpu_s": r.get("compile_cpu_s", math.nan), "remat": cfg.remat,
+                 "attention": r["attention"], "host_gib": r.get("host_temporaries", 0) / GIB,
+                 "maxtext": maxtext, "note": r["note"], "error": r.get("error", "")})
+  return rows

@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "tiny"  # preset, used when init_from is empty
   c.init_from = "asset:tinystories-260k"  # HF dir, import-hf dir, or a previous workdir
   c.model_overrides = ml_collections.ConfigDict(dict(
-      dtype="float32", scan_layers=True, remat="none", attention="einsum",
+      dtype="float32", scan_layers=True, remat="none", attention="auto",
       lora_rank=0, lora_alpha=16.0, lora_targets="q,k,v,o"))
 
   c.data = ml_collections.ConfigDict()

@@ -61,6 +61,23 @@ def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     yield name, arr
 
 
+def read_tensor(path: str, name: str, header: dict, data_start: int) -> np.ndarray:
+  """One tensor read into a fresh array with a plain file read (no memmap).
+
+  A memmap's pages count toward the process's resident memory until it is unmapped, so a
+  streaming reader that reads tensors from several shards uses this instead.
+  """
+  info = header[name]
+  b, e = info["data_offsets"]
+  dtype = _DTYPES[info["dtype"]]
+  with open(path, "rb") as f:
+    f.seek(data_start + b)
+    arr = np.empty(info["shape"], dtype)
+    if f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != e - b:
+      raise CheckpointError(f"{path}: tensor {name!r} is truncated")
+  return arr
+
+
 def write_file(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]], produce,
                metadata: dict[str, str] | None = None) -> None:
   """Writes tensors one at a time: `produce(name)` returns each array when its turn comes.

@@ -123,6 +123,11 @@ def activate(mesh: Mesh, rules=DEFAULT_RULES):
     _state.ctx = prev
 
 
+def current() -> tuple[Mesh, tuple] | None:
+  """The (mesh, rules) `activate` set, or None (e.g. for kernels that need shard_map)."""
+  return getattr(_state, "ctx", None)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   ctx = getattr(_state, "ctx", None)
   if ctx is None:

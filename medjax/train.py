@@ -151,10 +151,14 @@ def main(c, workdir: str) -> dict:
   # so bad input leaves nothing behind.
   _make_workdir(workdir)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
-  restored = ckpt.restore_latest(abstract)  # first: a workdir of another model is refused
+  saved = ckpt_lib.SavedState(cfg)  # LoRA: the frozen base is not written (see there)
+  # first: a workdir of another model is refused
+  restored = ckpt.restore_latest(saved.select(abstract))
   runconfig.save_run_files(c, cfg, tok_path, workdir)
   if restored is not None:
     start, state, data_state = restored
+    if saved.partial:  # the base comes from init_from, as at the start of the run
+      state = saved.complete(state, state_fn(*init_args))
     if data_state:
       train_it.set_state(data_state)
     _log(f"resumed from {ckpt.directory}/{start}")
@@ -223,7 +227,8 @@ def main(c, workdir: str) -> dict:
           # nan_policy=stop: never checkpoint past a skipped step, even between log steps.
           if c.nan_policy == "stop" and int(jax.device_get(state["skipped"])) > skipped_at_start:
             _stop_nonfinite(step, ckpt)
-          ckpt.save(step, state, train_it.get_state(), {"step": step, **_floats(last), **evals})
+          ckpt.save(step, saved.select(state), train_it.get_state(),
+                    {"step": step, **_floats(last), **evals})
         if preempt.requested:
           ckpt.wait()
           _log(f"SIGTERM: checkpoint at step {step} written; exiting")

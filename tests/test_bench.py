@@ -1,0 +1,77 @@
+"""`medjax bench` runs each subcommand on its smallest shapes and prints its figures.
+
+Benchmarks are not timed here: these tests prove the commands work (and that medjax and
+transformers train to the same losses), and print what they measured.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from medjax import cli
+
+
+def _bench(capsys, *argv) -> str:
+  assert cli.main(["bench", *argv]) == 0
+  out = capsys.readouterr().out
+  print(out)  # visible with pytest -s
+  return out
+
+
+def test_train_compare_hf_records(capsys, tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  results = tmp_path / "RESULTS.md"
+  out = _bench(capsys, "train", "--shape", "tiny", "--compare-hf", "--steps", "3",
+               "--results", str(results))
+  assert "tokens/s" in out and "GFLOP/s" in out and "of XLA peak" in out
+  assert "ratio medjax / transformers tokens/s:" in out
+  assert "compile" in out  # compilation reported, outside the rates
+  # Same weights, data and optimizer: the same losses (f32).
+  line = next(ln for ln in out.splitlines() if ln.startswith("mean loss"))
+  assert float(line.split("rel. diff ")[1].rstrip("%)")) < 0.1
+  text = results.read_text()
+  for key in ("## train --shape tiny", "- device:", "- commit:", "- command:", "- date:"):
+    assert key in text
+
+
+def test_generate_compare_hf(capsys):
+  pytest.importorskip("transformers")
+  out = _bench(capsys, "generate", "--shape", "tiny", "--compare-hf", "--new-tokens", "8",
+               "--reps", "1", "--no-record")
+  assert "new tokens/s" in out and "ratio medjax / transformers tokens/s:" in out
+  assert "same greedy ids as transformers: 100% of rows" in out
+
+
+def test_data(capsys):
+  out = _bench(capsys, "data", "--seq-len", "128", "--batch-size", "2", "--batches", "5",
+               "--no-record")
+  assert "pipeline" in out and "tokens/s" in out
+
+
+def test_import_rss(capsys, tmp_path):
+  out = _bench(capsys, "import", "--size", "tiny", "--shard-mb", "0.1", "--tmp",
+               str(tmp_path), "--no-record")
+  assert "peak RSS" in out and "x the largest shard" in out
+
+
+def test_scaling(capsys):
+  out = _bench(capsys, "scaling", "--shape", "tiny", "--seqs", "32,64", "--widths", "32",
+               "--tokens-per-step", "128", "--steps", "2", "--no-record")
+  rows = [ln for ln in out.splitlines() if ln.startswith("|") and "---" not in ln]
+  assert len(rows) == 1 + 3  # header + 2 lengths + 1 width
+
+
+def test_fit_quick():
+  """In a fresh process: `fit` needs its (TPU or CPU stand-in) devices before jax starts.
+  Without libtpu the figures are CPU estimates, and the report says so."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "medjax.cli", "bench", "fit", "--quick",
+                      "--no-record"], capture_output=True, text=True, env=env, timeout=600)
+  print(p.stdout)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "FIT" in p.stdout and "GiB" in p.stdout
