@@ -24,22 +24,19 @@ def import_hf(hf_dir: str, out_dir: str | None = None, scan_layers: bool = True,
               shardings_fn: Callable | None = None, log=print):
   """Reads an HF Llama dir tensor by tensor. Returns (cfg, params); saves if out_dir.
 
-  shardings_fn(cfg) -> pytree of NamedSharding (per-layer layout) places each tensor on a
-  mesh as it is read (`jax.make_array_from_callback`): each process keeps only its slices.
+  shardings_fn(cfg) -> pytree of NamedSharding for `cfg` (the output layout, scanned or
+  not) places each param on a mesh as it is read: each device gets only its slice, and host
+  memory holds one HF tensor at a time plus this process's slices, never the whole model.
   """
   cfg = config_lib.load_hf_config(hf_dir, scan_layers=False)
-  shard_tree = shardings_fn(cfg) if shardings_fn else None
-  shard_flat = modeldir.flatten(shard_tree) if shard_tree is not None else None
-  flat = {}
-  for i, (path, w) in enumerate(convert.iter_hf_params(cfg, hf_dir)):
-    if shard_flat is not None:
-      w = np.ascontiguousarray(w)
-      flat[path] = jax.make_array_from_callback(w.shape, shard_flat[path], lambda idx, w=w: w[idx])
-    else:
-      flat[path] = np.array(w)  # copy out of the memmap
-  params = modeldir.unflatten(flat)
-  if scan_layers:
-    params = modeldir.stack_layers(params, cfg.num_hidden_layers)
+  shard_tree = shardings_fn(cfg.replace(scan_layers=scan_layers)) if shardings_fn else None
+  if shard_tree is not None:
+    params = _import_onto_mesh(cfg, hf_dir, scan_layers, modeldir.flatten(shard_tree))
+  else:
+    flat = {path: np.array(w) for path, w in convert.iter_hf_params(cfg, hf_dir)}  # copies
+    params = modeldir.unflatten(flat)
+    if scan_layers:
+      params = modeldir.stack_layers(params, cfg.num_hidden_layers)
   cfg = cfg.replace(scan_layers=scan_layers)
   modeldir.check_shapes(params, cfg, hf_dir)
   if out_dir:
@@ -142,6 +139,41 @@ def _partial_save(partial, root: str, flat: dict) -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
   except (OSError, AttributeError):
     pass
+
+
+def _import_onto_mesh(cfg: LlamaConfig, hf_dir: str, scan_layers: bool, shard_flat: dict):
+  """Params as global arrays laid out by `shard_flat` ({path: NamedSharding}), filled one HF
+  tensor at a time: a stacked [L, ...] param is assembled in its devices' slices layer by
+  layer, so no host buffer ever holds a whole stacked param (75 GB for one 70B MLP)."""
+  index = convert.index_hf_params(cfg, hf_dir)
+  flat = {}
+  for path, sh in shard_flat.items():
+    layered = scan_layers and path.startswith("layers/")
+    if not layered:
+      w = convert.read_hf_param(cfg, index[path])
+      flat[path] = jax.make_array_from_callback(w.shape, sh, lambda idx, w=w: w[idx])
+      del w
+      continue
+    sub = path[len("layers/"):]
+    n = cfg.num_hidden_layers
+    first = convert.read_hf_param(cfg, index[f"layers_0/{sub}"])
+    shape = (n, *first.shape)
+    idx_map = sh.addressable_devices_indices_map(shape)
+    bufs = {d: np.empty([len(range(n)[i[0]])] + [len(range(m)[j]) for m, j in
+                                                  zip(first.shape, i[1:])], np.float32)
+            for d, i in idx_map.items()}
+    for layer in range(n):
+      w = first if layer == 0 else convert.read_hf_param(cfg, index[f"layers_{layer}/{sub}"])
+      for d, i in idx_map.items():
+        rows = range(n)[i[0]]
+        if layer in rows:
+          bufs[d][rows.index(layer)] = w[tuple(i[1:])]
+      del w
+    del first
+    flat[path] = jax.make_array_from_single_device_arrays(
+        shape, sh, [jax.device_put(bufs[d], d) for d in idx_map])
+    del bufs
+  return modeldir.unflatten(flat)
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
