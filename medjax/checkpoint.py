@@ -41,12 +41,13 @@ def _log(msg):
 
 class _NoTraceback(logging.Filter):
   """Orbax logs a full traceback from each of its save threads (and asyncio one per failed
-  write task) when a write fails; the failure reaches the user once, as a one-line
-  CheckpointError (traceback with --debug)."""
+  write task, dropped here) when a write fails; the failure reaches the user once, as a
+  one-line CheckpointError (traceback with --debug)."""
 
   def filter(self, record):
-    if "orbax" in record.pathname or (record.name == "asyncio" and
-                                      "orbax" in str(record.msg) + str(record.args)):
+    if record.name == "asyncio" and "orbax" in str(record.msg) + str(record.args):
+      return False  # "Task exception was never retrieved" + the task: the same failure again
+    if "orbax" in record.pathname:
       record.exc_info, record.exc_text = None, None
     return True
 
