@@ -2,9 +2,9 @@
 
 The einsum path materialises [B,N,T,S] logits and probabilities per layer (three 1 GiB
 buffers per 4096-token row for Llama 2 7B, in the forward and again in the remat backward);
-splash attention streams blocks of K/V through VMEM and never holds them. Causality is a static block mask, so the
-kernel also skips the upper-triangle blocks; packed documents are kept apart with segment
-ids. The kernel is per device, so it runs under `shard_map` over the active mesh: rows are
+splash attention streams blocks of K/V through VMEM and never holds them. Causality is a
+static block mask, so the kernel also skips the upper-triangle blocks; packed documents are
+kept apart with segment ids. The kernel is per device, so it runs under `shard_map` over the active mesh: rows are
 split as the `batch` rule says and heads as `act_heads` says, which needs no communication.
 
 Only the lowering needs libtpu, so `medjax fit` compiles this on a CPU-only machine.

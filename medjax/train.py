@@ -281,7 +281,9 @@ def _floats(d: dict) -> dict:
 def add_args(p):
   p.add_argument("--config", required=True,
                  help="config file with get_config(), e.g. configs/tiny_cpt.py[:arg]")
-  p.add_argument("--workdir", required=True, help="run directory (a local path; on TPU VMs a gcsfuse-mounted bucket, /gcs/BUCKET/...)")
+  p.add_argument("--workdir", required=True,
+                 help="run directory (a local path; on TPU VMs the gcsfuse-mounted bucket, "
+                      "/gcs/BUCKET/...)")
   g = p.add_argument_group(
       "multi-process", "Cloud TPU VMs (and clusters jax detects, e.g. SLURM) need none of "
       "these: jax finds the other hosts itself. Elsewhere give all three on every host.")
