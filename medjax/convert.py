@@ -133,32 +133,15 @@ def find_weight_files(hf_dir: str) -> list[str]:
 
 def iter_hf_params(cfg: LlamaConfig, hf_dir: str, dtype=np.float32
                    ) -> Iterator[tuple[str, np.ndarray]]:
-  """Streams (medjax per-layer path, array) from an HF dir, checking names and shapes."""
-  expected = set(hf_keys(cfg))
-  seen: set[str] = set()
-  for path in find_weight_files(hf_dir):
-    for key, w in safetensors_io.iter_tensors(path):
-      if _IGNORED.match(key):
-        continue
-      if cfg.tie_word_embeddings and key == "lm_head.weight":
-        continue  # some exporters write the tied head too; it equals the embedding
-      hit = lookup(key)
-      if hit is None or key not in expected:
-        raise CheckpointError(f"{path}: unexpected tensor {key!r} for this config.json "
-                              f"({cfg.num_hidden_layers} layers)")
-      if tuple(w.shape) != hf_shape(cfg, key):
-        raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(w.shape)}, "
-                              f"config.json implies {hf_shape(cfg, key)}")
-      seen.add(key)
-      yield hit[0], to_medjax(cfg, hit[1], np.asarray(w, dtype=dtype))
-  missing = sorted(expected - seen)
-  if missing:
-    raise CheckpointError(f"{hf_dir}: missing tensor(s) {', '.join(missing[:5])}"
-                          + (" ..." if len(missing) > 5 else ""))
+  """Streams (medjax per-layer path, array) from an HF dir, in file order. Names and shapes
+  are checked from the shard headers (`index_hf_params`) before the first tensor is read."""
+  for path, entry in index_hf_params(cfg, hf_dir).items():
+    yield path, read_hf_param(cfg, entry, dtype)
 
 
 def index_hf_params(cfg: LlamaConfig, hf_dir: str) -> dict[str, tuple[str, str, str, tuple]]:
-  """Where each tensor lives, from the shard headers only, with `iter_hf_params`' checks.
+  """Where each tensor lives, from the shard headers only: every name and shape is checked
+  against `cfg`, and a missing tensor is an error.
 
   Returns:
     {medjax per-layer path: (HF key, transform, file, (header, data_start))}, for reading
@@ -169,6 +152,7 @@ def index_hf_params(cfg: LlamaConfig, hf_dir: str) -> dict[str, tuple[str, str, 
   for path in find_weight_files(hf_dir):
     header, start = safetensors_io.read_header(path)
     for key, info in header.items():
+      # Some exporters write the tied head too; it equals the embedding.
       if _IGNORED.match(key) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
         continue
       hit = lookup(key)

@@ -33,7 +33,7 @@ def import_hf(hf_dir: str, out_dir: str | None = None, scan_layers: bool = True,
   if shard_tree is not None:
     params = _import_onto_mesh(cfg, hf_dir, scan_layers, modeldir.flatten(shard_tree))
   else:
-    flat = {path: np.array(w) for path, w in convert.iter_hf_params(cfg, hf_dir)}  # copies
+    flat = dict(convert.iter_hf_params(cfg, hf_dir))
     params = modeldir.unflatten(flat)
     if scan_layers:
       params = modeldir.stack_layers(params, cfg.num_hidden_layers)

@@ -1,8 +1,9 @@
 """Streaming safetensors reader/writer (one tensor in memory at a time).
 
 The format is an 8-byte little-endian header length, a JSON header of
-{name: {dtype, shape, data_offsets}}, then raw little-endian bytes. Reading through a memmap
-and writing tensor by tensor keeps host memory at about one tensor, whatever the model size.
+{name: {dtype, shape, data_offsets}}, then raw little-endian bytes. Reading one tensor at a
+time (a plain file read) and writing tensor by tensor keeps host memory at about one tensor,
+whatever the model size.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -51,21 +51,11 @@ def read_header(path: str) -> tuple[dict, int]:
   return header, data_start
 
 
-def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array) lazily; arrays are memmapped views until copied."""
-  header, start = read_header(path)
-  mm = np.memmap(path, dtype=np.uint8, mode="r")
-  for name, info in header.items():
-    b, e = info["data_offsets"]
-    arr = mm[start + b: start + e].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-    yield name, arr
-
-
 def read_tensor(path: str, name: str, header: dict, data_start: int) -> np.ndarray:
   """One tensor read into a fresh array with a plain file read (no memmap).
 
-  A memmap's pages count toward the process's resident memory until it is unmapped, so a
-  streaming reader that reads tensors from several shards uses this instead.
+  Not a memmap: its pages would count toward the process's resident memory until unmapped,
+  across every shard a streaming reader touches.
   """
   info = header[name]
   b, e = info["data_offsets"]
