@@ -252,8 +252,7 @@ class Checkpointer:
     """Why the saved state's shapes differ from `abstract_state`, or None if they agree or
     the step's metadata is unreadable (then the step is damaged)."""
     try:
-      md = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
-      tree = getattr(md, "item_metadata", None) or getattr(md, "tree", None) or md
+      tree = modeldir.saved_tree(os.path.join(self.directory, str(step), "state"))
       saved = jax.tree_util.tree_flatten_with_path(tree)[0]
       saved = [(jax.tree_util.keystr(p), tuple(m.shape)) for p, m in saved]
     except Exception:
@@ -325,9 +324,7 @@ def read_step(step_dir: str) -> tuple[dict, dict]:
   try:
     # Onto one local device, whatever mesh wrote it (an audit needs no mesh).
     ckptr, sdir = ocp.PyTreeCheckpointer(), os.path.join(step_dir, "state")
-    md = ckptr.metadata(sdir)
-    tree = modeldir._as_dict(getattr(md, "item_metadata", None) or getattr(md, "tree", None)
-                             or md)
+    tree = modeldir._as_dict(modeldir.saved_tree(sdir, ckptr))
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=one), tree)
     state = ckptr.restore(sdir, args=ocp.args.PyTreeRestore(restore_args=args))
@@ -379,8 +376,7 @@ def restore_workdir_params(workdir: str, cfg: LlamaConfig, shardings=None) -> di
     sdir = os.path.join(d, str(step), "state")
     try:
       ckptr = ocp.PyTreeCheckpointer()
-      meta = ckptr.metadata(sdir)
-      tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+      tree = modeldir.saved_tree(sdir, ckptr)
       pmeta = modeldir._as_dict(tree)["params"]
       item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape),
                                                          jnp.dtype(stored.param_dtype)), pmeta)

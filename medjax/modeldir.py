@@ -145,8 +145,7 @@ def restore_params(path: str, cfg: LlamaConfig | None = None, shardings=None) ->
   pdir = os.path.join(path, PARAMS)
   ckptr = ocp.StandardCheckpointer()
   try:
-    meta = ckptr.metadata(pdir)
-    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    tree = saved_tree(pdir, ckptr)
     abstract = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), jnp.dtype(cfg.param_dtype)),
         _as_dict(tree))
@@ -163,6 +162,13 @@ def restore_params(path: str, cfg: LlamaConfig | None = None, shardings=None) ->
   if shardings is not None:
     params = jax.device_put(params, shardings)
   return params
+
+
+def saved_tree(path: str, checkpointer=None):
+  """The metadata tree (shape and dtype per array) of an orbax pytree checkpoint dir; orbax
+  releases return it bare or under `.item_metadata` / `.tree`."""
+  md = (checkpointer or ocp.PyTreeCheckpointer()).metadata(path)
+  return getattr(md, "item_metadata", None) or getattr(md, "tree", None) or md
 
 
 def _as_dict(tree):
