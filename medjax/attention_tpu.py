@@ -29,11 +29,14 @@ def supported(q_len: int, kv_len: int) -> bool:
   return q_len == kv_len and q_len % MIN_LEN == 0
 
 
-def wanted(attention: str, length: int) -> bool:
-  """Whether the model should use the kernel for a full (uncached) pass of `length`."""
+def wanted(attention: str, length: int, on_tpu: bool | None = None) -> bool:
+  """Whether the model uses the kernel for a full (uncached) pass of `length`.
+
+  on_tpu: whether the target is TPU; None asks `is_tpu_target` (inside the traced step).
+  """
   if attention not in ("splash", "auto") or not supported(length, length):
     return False
-  return attention == "splash" or is_tpu_target()
+  return attention == "splash" or (is_tpu_target() if on_tpu is None else on_tpu)
 
 
 def is_tpu_target() -> bool:

@@ -194,11 +194,11 @@ def _kernels(lowered) -> int:
 
 
 def _attention_used(cfg, seq_len: int, devices) -> str:
+  """The attention the compiled step uses (the model's own choice, `attention_tpu.wanted`)."""
   from medjax import attention_tpu
-  if cfg.attention == "auto":
-    tpu = devices[0].platform == "tpu"
-    return "splash" if tpu and attention_tpu.supported(seq_len, seq_len) else "einsum"
-  return cfg.attention
+  if attention_tpu.wanted(cfg.attention, seq_len, on_tpu=devices[0].platform == "tpu"):
+    return "splash"
+  return "einsum" if cfg.attention in ("auto", "splash") else cfg.attention
 
 
 def _analytic(cfg, seq_len, global_batch, chips, chip: Chip) -> dict:

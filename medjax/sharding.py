@@ -129,7 +129,7 @@ def current() -> tuple[Mesh, tuple] | None:
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  ctx = getattr(_state, "ctx", None)
+  ctx = current()
   if ctx is None:
     return x
   mesh, rules = ctx
