@@ -259,8 +259,8 @@ def _no_gs(name: str, path: str) -> None:
 
 
 def _make_workdir(workdir: str) -> None:
-  """Creates the workdir and checks it is writable, with an error naming it."""
-  _no_gs("--workdir", workdir)
+  """Creates the workdir and checks it is writable, with an error naming it (main has
+  already refused gs://)."""
   probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # hosts share the dir
   try:
     os.makedirs(workdir, exist_ok=True)
