@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from medjax import sharding
+from medjax import attention, sharding
 
 BLOCKS = (512, 256, 128)  # tile sizes to try, largest first (512 is MaxText's default)
 MIN_LEN = 128  # the kernel's lane width: shorter or ragged lengths use the einsum path
@@ -68,15 +68,6 @@ def _local(q, k, v, seg, interpret):
       q, k, v, seg)
 
 
-def _shard_map(f, mesh, in_specs, out_specs):
-  # jax >= 0.6 has jax.shard_map (check_vma); older releases only the experimental one.
-  # Pallas calls carry no varying-axes info, hence the checks off.
-  if hasattr(jax, "shard_map"):
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-  from jax.experimental.shard_map import shard_map
-  return shard_map(f, mesh, in_specs, out_specs, check_rep=False)
-
-
 def splash_attention(q, k, v, segment_ids, scale: float, interpret: bool = False):
   """Causal self-attention within segments, like the einsum path with its mask.
 
@@ -97,13 +88,9 @@ def splash_attention(q, k, v, segment_ids, scale: float, interpret: bool = False
     out = _local(q, k, v, seg, interpret)
   else:
     mesh, rules = ctx
-    row = sharding.logical_to_spec(("batch",), rules, mesh, seg.shape[:1])[0]
-    qh = sharding.logical_to_spec(("act_heads",), rules, mesh, q.shape[1:2])[0]
-    kh = sharding.logical_to_spec(("act_heads",), rules, mesh, k.shape[1:2])[0]
-    if qh != kh:  # kv heads do not split like q heads: keep heads whole on each device
-      qh = kh = None
+    row, qh, kh = attention.local_specs(mesh, rules, seg.shape[0], q.shape[1], k.shape[1])
     qs, ks = P(row, qh, None, None), P(row, kh, None, None)
-    f = _shard_map(functools.partial(_local, interpret=interpret), mesh,
-                   in_specs=(qs, ks, ks, P(row, None)), out_specs=qs)
+    f = attention.shard_map(functools.partial(_local, interpret=interpret), mesh,
+                            in_specs=(qs, ks, ks, P(row, None)), out_specs=qs)
     out = f(q, k, v, seg)
   return jnp.swapaxes(out, 1, 2)

@@ -47,7 +47,8 @@ class LlamaConfig:
   dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
   scan_layers: bool = False
   remat: str = "none"  # one of REMAT_POLICIES
-  # einsum (reference) | dot_product (jax.nn.dot_product_attention, cuDNN flash on GPU) |
+  # einsum (XLA: flash-style `medjax.attention` in full passes, the reference einsum with
+  # a KV cache) | dot_product (jax.nn.dot_product_attention, cuDNN flash on GPU) |
   # splash (Pallas TPU kernel, medjax.attention_tpu) | auto (splash when compiling for TPU,
   # else einsum). splash/auto fall back to einsum for KV-cache decoding and lengths that
   # are not a multiple of 128.

@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from medjax import attention_tpu
+from medjax import attention, attention_tpu
 from medjax.config import LlamaConfig
 from medjax.sharding import constrain
 
 Array = jax.Array
 _init = nn.initializers.normal(stddev=0.02)
-# Finite, so a fully masked row (left padding) gives a uniform softmax instead of NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MASK_VALUE = attention.MASK_VALUE
 
 
 def _param(mod: nn.Module, name: str, shape, axes, init=_init):
@@ -121,27 +120,6 @@ def einsum_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) ->
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-# Query rows per block of `causal_blocked_attention`: measured fastest on CPU at T=512
-# (blocks of [.., 128, S] stay cache-friendly; 2x faster than one [T,S] block, fwd+bwd).
-ATTN_BLOCK = 128
-
-
-def causal_blocked_attention(q: Array, k: Array, v: Array, mask: Array, scale: float,
-                             block: int = ATTN_BLOCK) -> Array:
-  """`einsum_attention` for causal self-attention (q and k share slots 0..T-1), in query
-  blocks that only see keys up to their own end: the fully masked upper triangle is never
-  computed (about half the attention FLOPs and memory). Exact: those keys get weight 0.
-  """
-  t = q.shape[1]
-  block = max(block, -(-t // 16))  # at most 16 blocks, so long sequences compile quickly
-  if t <= block:
-    return einsum_attention(q, k, v, mask, scale)
-  outs = [einsum_attention(q[:, i:i + block], k[:, :i + block], v[:, :i + block],
-                           mask[:, :, i:i + block, :i + block], scale)
-          for i in range(0, t, block)]
-  return jnp.concatenate(outs, axis=1)
-
-
 class Attention(nn.Module):
   cfg: LlamaConfig
 
@@ -168,13 +146,13 @@ class Attention(nn.Module):
       new_cache = {"k": kk, "v": v}
       kk, v = kk.astype(q.dtype), v.astype(q.dtype)
     scale = h ** -0.5
-    if mask.ndim == 2:  # segment ids [B,T]: Llama chose the splash kernel
+    if mask.ndim == 2 and attention_tpu.wanted(c.attention, q.shape[1]):
       out = attention_tpu.splash_attention(q, kk, v, mask, scale,
                                            interpret=not attention_tpu.is_tpu_target())
+    elif mask.ndim == 2:  # segment ids: a full pass, flash-style in XLA
+      out = attention.flash_attention(q, kk, v, mask, scale)
     elif c.attention == "dot_product":
       out = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=scale)
-    elif cache is None:  # training / scoring: query blocks skip the keys after them
-      out = causal_blocked_attention(q, kk, v, mask, scale)
     else:
       out = einsum_attention(q, kk, v, mask, scale)
     out = Proj(c, "BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), 2, "o" in t,
@@ -199,8 +177,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """Pre-norm decoder layer. Signature fits `nn.scan`: (carry, per-layer cache) -> same.
 
-  mask: [B,1,T,S] bool, or the [B,T] segment ids when the splash kernel runs (it applies
-  causality itself and never builds the mask).
+  mask: [B,1,T,S] bool, or the [B,T] segment ids in full passes, where splash or
+  `attention.flash_attention` apply causality themselves and never build the mask.
   """
 
   cfg: LlamaConfig
@@ -251,8 +229,8 @@ class Llama(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     q_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if cache is None and attention_tpu.wanted(c.attention, t):
-      cache_index, mask = None, segment_ids  # the kernel masks causally itself
+    if cache is None and c.attention != "dot_product":
+      cache_index, mask = None, segment_ids  # splash/flash mask causally themselves
     elif cache is None:
       cache_index, mask = None, attention_mask(q_slots, q_slots, segment_ids, segment_ids)
     else:
