@@ -56,10 +56,19 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
   return tokens, seg, pos, lengths
 
 
+def _argmax(logits):
+  """jnp.argmax over the last axis (first index of the max) as two plain reductions: XLA's
+  CPU variadic (value, index) reduce took ~1 ms per decode step at vocab 32000."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  idx = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  first = jnp.min(jnp.where(logits == top, idx, logits.shape[-1]), axis=-1)
+  return jnp.minimum(first, logits.shape[-1] - 1)  # NaN rows: an in-range id, not V
+
+
 def _pick(logits, key, temperature, top_p, greedy: bool):
   """Next token ids [B] from logits [B,V]: argmax, or temperature + nucleus (top-p) sampling."""
   if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return _argmax(logits)
   logits = logits / temperature
   sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B,V] descending
   probs = jax.nn.softmax(sorted_logits, axis=-1)

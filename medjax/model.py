@@ -139,12 +139,12 @@ class Attention(nn.Module):
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
     new_cache = None
     if cache is not None:  # write this chunk at cache_index, attend over the whole cache
-      kk = jax.lax.dynamic_update_slice_in_dim(cache["k"], kk.astype(cache["k"].dtype),
-                                               cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
-                                              cache_index, axis=1)
-      new_cache = {"k": kk, "v": v}
-      kk, v = kk.astype(q.dtype), v.astype(q.dtype)
+      # The cache is heads-major [B,K,S,H], the layout the attention einsums read, so a
+      # decode step copies no cache (the transposes back and forth cancel in XLA).
+      put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
+          c, jnp.swapaxes(x, 1, 2).astype(c.dtype), cache_index, axis=2)
+      new_cache = {"k": put(cache["k"], kk), "v": put(cache["v"], v)}
+      kk, v = (jnp.swapaxes(new_cache[n], 1, 2).astype(q.dtype) for n in ("k", "v"))
     scale = h ** -0.5
     if mask.ndim == 2 and attention_tpu.wanted(c.attention, q.shape[1]):
       out = attention_tpu.splash_attention(q, kk, v, mask, scale,
@@ -256,11 +256,9 @@ class Llama(nn.Module):
     else:
       new_layers = []
       for i in range(c.num_hidden_layers):
-        lc = None if cache is None else jax.tree.map(lambda a, i=i: a[i], layer_caches)
+        lc = None if cache is None else layer_caches[i]
         x, nc = block(c, name=f"layers_{i}")(x, positions, mask, cache_index, lc)
         new_layers.append(nc)
-      if cache is not None:
-        new_layers = jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
 
     x = RMSNorm(c, name="final_norm")(x)
     if return_hidden:
@@ -277,11 +275,21 @@ class Llama(nn.Module):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
-  """Empty KV cache: k/v [L,B,S,K,H], segment ids [B,S] (0 = not written), write index."""
+  """Empty KV cache: k/v [B,K,S,H] per layer, segment ids [B,S] (0 = not written), index.
+
+  Layers: stacked [L,B,K,S,H] arrays for `scan_layers` (the scan slices them), else a list
+  of per-layer arrays, which a decode loop updates in place instead of slicing and
+  re-stacking the whole cache every step.
+  """
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.hd)
+  shape = (batch, cfg.num_key_value_heads, max_len, cfg.hd)
+  n = cfg.num_hidden_layers
+  if cfg.scan_layers:
+    layers = {"k": jnp.zeros((n, *shape), dtype), "v": jnp.zeros((n, *shape), dtype)}
+  else:
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(n)]
   return {
-      "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+      "layers": layers,
       "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
       "index": jnp.zeros((), jnp.int32),
   }

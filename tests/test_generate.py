@@ -64,6 +64,20 @@ def test_cached_decoding_matches_full_recompute(tiny):
     assert diff <= 1e-5, (i, diff)
 
 
+def test_scanned_layers_decode_the_same(tiny):
+  # scan_layers keeps the cache stacked [L,...]; the unrolled model keeps one per layer.
+  from medjax.modeldir import to_layout
+  _, m = tiny
+  scfg = m.cfg.replace(scan_layers=True)
+  want = gen.generate(m.cfg, m.params, PROMPTS, 6)
+  assert gen.generate(scfg, to_layout(m.params, scfg), PROMPTS, 6) == want
+
+
+def test_argmax_takes_the_first_of_ties():
+  x = jnp.array([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -3.0, -0.5]])
+  assert gen._argmax(x).tolist() == [1, 0, 3] == jnp.argmax(x, axis=-1).tolist()
+
+
 def _hf_greedy(hf, prompt, n, eos):
   import torch
   out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=int),
