@@ -40,12 +40,8 @@ def wanted(attention: str, length: int, on_tpu: bool | None = None) -> bool:
 
 
 def is_tpu_target() -> bool:
-  """True when the code being traced will run on TPU: the active mesh's devices (which
-  are libtpu's compile-only devices under `medjax fit`), else the default backend."""
-  ctx = sharding.current()
-  if ctx is not None:
-    return ctx[0].devices.flat[0].platform == "tpu"
-  return jax.default_backend() == "tpu"
+  """True when the code being traced will run on TPU (`sharding.target_platform`)."""
+  return sharding.target_platform() == "tpu"
 
 
 @functools.lru_cache(maxsize=16)

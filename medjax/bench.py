@@ -80,12 +80,19 @@ class MatmulPeak:
       except ImportError:
         pass
 
-  def sample(self, reps: int = 1) -> None:
+  def sample(self, reps: int = 1, keys=None) -> None:
+    """One sample per library and rep: the median of 3 back-to-back calls (a single call
+    right after a training step also times waking the thread pool)."""
     for _ in range(reps):
       for k, fn in self.fns.items():
-        t = time.perf_counter()
-        fn()
-        self.samples[k].append(self.flops / (time.perf_counter() - t))
+        if keys is not None and k not in keys:
+          continue
+        calls = []
+        for _ in range(3):
+          t = time.perf_counter()
+          fn()
+          calls.append(time.perf_counter() - t)
+        self.samples[k].append(self.flops / _median(calls))
 
   def median(self) -> dict:
     return {k: _median(v) for k, v in self.samples.items()}
@@ -95,7 +102,7 @@ class MatmulPeak:
 
   def describe(self) -> str:
     med, best = self.median(), self.best()
-    s = (f"matmul f32 1024^3 ({len(self.samples['xla'])} samples between steps): XLA median "
+    s = (f"matmul f32 1024^3 ({len(self.samples['xla'])} samples between blocks): XLA median "
          f"{_fmt_rate(med['xla'])} (best {_fmt_rate(best['xla'])})")
     if "torch" in med:
       s += (f", torch median {_fmt_rate(med['torch'])} (best {_fmt_rate(best['torch'])}); "
@@ -305,19 +312,26 @@ class HFTrainer:
 # ------------------------------------------------------------------------------ train
 
 
-def bench_train(s: dict, steps: int, compare_hf: bool, warmup: int = 1, log=print) -> dict:
-  """Trains `steps` steps with medjax (and HF), alternating step by step.
+def bench_train(s: dict, steps: int, compare_hf: bool, warmup: int = 1, log=print,
+                block: int | None = None) -> dict:
+  """Trains `steps` steps with medjax (and HF) on the same batches, alternating in blocks.
 
+  Each side runs `block` steps, then the other side runs the same steps; who goes first
+  alternates. With blocks > 1 the first step of a block is timed apart ("switch" steps):
+  the other library's thread pool may still be spinning then (PyTorch's OpenMP workers cost
+  XLA's matmul ~30% right after a torch call, measured), and neither side should pay for
+  the other. Each library's matmul peak is sampled right after its own block.
   The first `warmup` steps of each side are trained but not timed. Returns timings (median
   step), losses per step, compile time, peaks.
   """
   cfg = s["cfg"]
   tokens = s["batch"] * s["seq"]
+  block = block or (5 if steps >= 20 else 1)
   batches = train_batches(s, steps)
   log(f"shape: {cfg.num_params() / 1e6:.2f}M params (d{cfg.hidden_size} f"
       f"{cfg.intermediate_size} L{cfg.num_hidden_layers} h{cfg.num_attention_heads} "
       f"v{cfg.vocab_size}), batch {s['batch']} x seq {s['seq']}, {steps} steps "
-      f"({warmup} warm-up)")
+      f"({warmup} warm-up), blocks of {block}")
   if compare_hf:
     hf, params = hf_model(s)
     hft = HFTrainer(hf, steps)
@@ -327,25 +341,30 @@ def bench_train(s: dict, steps: int, compare_hf: bool, warmup: int = 1, log=prin
     params, hft = model_lib.init_params(cfg, jax.random.PRNGKey(0)), None
   mj = MedjaxTrainer(cfg, params, steps)
   del params
-  r = {"compile_s": mj.compile(batches[0]), "tokens_per_step": tokens,
+  r = {"compile_s": mj.compile(batches[0]), "tokens_per_step": tokens, "block": block,
        "flops_per_token": cfg.flops_per_token(s["seq"]), "mj_t": [], "hf_t": [],
-       "mj_loss": [], "hf_loss": [], "mj_warmup_s": 0.0, "hf_warmup_s": 0.0}
+       "mj_switch": [], "hf_switch": [], "mj_loss": [0.0] * steps,
+       "hf_loss": [0.0] * steps if hft else [], "mj_warmup_s": 0.0, "hf_warmup_s": 0.0}
   peak = MatmulPeak(torch=compare_hf)
-  for i, b in enumerate(batches):
-    peak.sample()
+  lib = {"mj": "xla", "hf": "torch"}
+  every = max(steps // 10, 1)
+  for n, start in enumerate(range(0, steps, block)):
+    stop = min(start + block, steps)
     sides = [("mj", mj.step)] + ([("hf", hft.step)] if hft else [])
-    if i % 2:  # alternate who goes first, so neither always follows the other
+    if n % 2:  # alternate who goes first
       sides.reverse()
     for name, fn in sides:
-      t = time.perf_counter()
-      r[f"{name}_loss"].append(fn(b))
-      dt = time.perf_counter() - t
-      if i < warmup:
-        r[f"{name}_warmup_s"] += dt
-      else:
-        r[f"{name}_t"].append(dt)
-    if steps >= 20 and (i + 1) % (steps // 10) == 0:
-      print(f"  step {i + 1}/{steps}", file=sys.stderr, flush=True)
+      for i in range(start, stop):
+        t = time.perf_counter()
+        r[f"{name}_loss"][i] = fn(batches[i])
+        dt = time.perf_counter() - t
+        if i < warmup:
+          r[f"{name}_warmup_s"] += dt
+        else:
+          r[f"{name}_switch" if i == start and block > 1 else f"{name}_t"].append(dt)
+      peak.sample(keys=[lib[name]])
+    if steps >= 20 and stop // every != start // every:
+      print(f"  step {stop}/{steps}", file=sys.stderr, flush=True)
   peak.sample(3)
   r["peak"] = peak
   return r
@@ -378,6 +397,11 @@ def train_lines(s: dict, r: dict) -> list[str]:
                  f"{tps:9.0f} tokens/s, {_fmt_rate(fl)} = {fl / peaks['xla']:.1%} of XLA peak"
                  + (f", {fl / peak:.1%} of torch peak" if name == "hf" else "")
                  + f"; warm-up excluded: {extra}")
+  if r.get("mj_switch"):
+    lines.append(f"first step of each block of {r['block']} (the other library ran just "
+                 f"before; not in the medians): medjax {_median(r['mj_switch']) * 1e3:.1f} ms"
+                 + (f", transformers {_median(r['hf_switch']) * 1e3:.1f} ms"
+                    if r.get("hf_switch") else ""))
   if "hf" in out:
     lines.append(f"ratio medjax / transformers tokens/s: {out['mj'] / out['hf']:.2f}x")
     n = len(r["mj_loss"])
@@ -649,6 +673,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   common(t)
   t.add_argument("--steps", type=int, default=6, help="steps per side, warm-up included")
   t.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+  t.add_argument("--block", type=int, default=None,
+                 help="steps per side before switching (default 5 from 20 steps, else 1)")
   t.add_argument("--compare-hf", action="store_true")
 
   g = sub.add_parser("generate", help="greedy decoding: medjax vs transformers' generate")
@@ -693,7 +719,7 @@ def run(args: argparse.Namespace) -> int:
   if cmd in ("train", "generate", "scaling"):
     s = dict(_shape(args.shape, args), name=args.shape)
   if cmd == "train":
-    r = bench_train(s, args.steps, args.compare_hf, args.warmup)
+    r = bench_train(s, args.steps, args.compare_hf, args.warmup, block=args.block)
     record(args, f"train --shape {args.shape}", train_lines(s, r))
   elif cmd == "generate":
     b = args.batch or 8

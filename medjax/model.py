@@ -8,6 +8,7 @@ to mesh axes, so the model never mentions the mesh.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from medjax import attention, attention_tpu
 from medjax.config import LlamaConfig
+from medjax import sharding as sharding_lib
 from medjax.sharding import constrain
 
 Array = jax.Array
@@ -65,6 +67,24 @@ def _loop_variant_one(x: Array, dtype) -> Array:
   return (jnp.nan_to_num(v, posinf=0.0, neginf=0.0) * 0 + 1).astype(dtype)
 
 
+def matmul(eqn: str, x: Array, w: Array, n_in: int, w_transposed: bool = False) -> Array:
+  """einsum(eqn, x, w) contracting x's last n_in dims with w's first n_in (its last n_in
+  when w_transposed).
+
+  On CPU this runs as one 2-D matmul of [rows, in] x [in, out]: with the rows left as B,T
+  the weight gradient contracts two dims and XLA:CPU transposes an activation-sized operand
+  for it (3 copies per MLP; a 4-layer MLP stack went 775 -> 609 ms fwd+bwd when flattened).
+  Elsewhere the einsum stays as written, for the sharding propagation it is tuned for.
+  """
+  if sharding_lib.target_platform() != "cpu":
+    return jnp.einsum(eqn, x, w)
+  lead = x.shape[: x.ndim - n_in]
+  k = math.prod(x.shape[x.ndim - n_in:])
+  x2 = x.reshape(-1, k)
+  y = x2 @ (w.reshape(-1, k).T if w_transposed else w.reshape(k, -1))
+  return y.reshape(*lead, *(w.shape[:-n_in] if w_transposed else w.shape[n_in:]))
+
+
 class Proj(nn.Module):
   """One einsum projection, plus a LoRA delta when this target is adapted."""
 
@@ -81,7 +101,7 @@ class Proj(nn.Module):
     w = _param(self, "w", self.shape, self.axes)
     if self.cfg.scan_layers and w.dtype != dt:
       w = w * _loop_variant_one(x, w.dtype)
-    y = jnp.einsum(self.eqn, x, w.astype(dt))
+    y = matmul(self.eqn, x, w.astype(dt), self.n_in)
     if self.lora:
       r = self.cfg.lora_rank
       in_shape, out_shape = self.shape[: self.n_in], self.shape[self.n_in:]
@@ -210,7 +230,8 @@ def _block_cls(cfg: LlamaConfig):
 class Llama(nn.Module):
   """`apply(params, tokens[B,T], positions, segment_ids, cache)` -> logits [B,T,V] (f32).
 
-  segment_ids: ids per packed document (0 = padding); attention stays within a segment.
+  segment_ids: ids per packed document (0 = padding); attention stays within a segment,
+    a contiguous run of equal ids.
   cache: from `init_cache`; when given, returns (logits, new_cache) and the tokens are
   written at cache["index"].
   """
@@ -264,10 +285,10 @@ class Llama(nn.Module):
     if return_hidden:
       return x
     if c.tie_word_embeddings:
-      logits = jnp.einsum("BTD,VD->BTV", x, emb.astype(dt))
+      logits = matmul("BTD,VD->BTV", x, emb.astype(dt), 1, w_transposed=True)
     else:
       head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-      logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt))
+      logits = matmul("BTD,DV->BTV", x, head.astype(dt), 1)
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
     if cache is None:
       return logits

@@ -128,6 +128,13 @@ def current() -> tuple[Mesh, tuple] | None:
   return getattr(_state, "ctx", None)
 
 
+def target_platform() -> str:
+  """The platform the code being traced will run on: the active mesh's devices (libtpu's
+  compile-only devices under `medjax fit`), else the default backend ("cpu", "tpu", ...)."""
+  ctx = current()
+  return ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   ctx = current()
   if ctx is None:

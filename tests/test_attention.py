@@ -69,3 +69,10 @@ def test_model_uses_flash_in_full_passes(monkeypatch):
                       lambda *a, **kw: calls.append(a[3].shape) or real(*a, **kw))
   model.forward(cfg, params, jnp.ones((2, 12), jnp.int32))
   assert calls == [(2, 12)] * cfg.num_hidden_layers
+
+
+def test_segment_starts():
+  seg = jnp.array([[0, 0, 1, 1, 1, 2], [3, 3, 3, 3, 3, 3], [1, 2, 2, 1, 1, 1]])
+  # A recurring id after another id starts a new segment (documented in flash_attention).
+  assert attention.segment_starts(seg).tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6,
+                                                    [0, 1, 1, 3, 3, 3]]
