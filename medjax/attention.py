@@ -8,8 +8,9 @@ log-sum-exp, and the backward recomputes each block's probabilities instead of s
 the matmuls: every XLA op otherwise sweeps the whole batch, and at small head dims that
 memory traffic, not the FLOPs, is the cost (measured, `medjax bench train --shape demo`).
 
-`medjax.model.einsum_attention` is the reference this must match; splash
-(`medjax.attention_tpu`) replaces it on TPU.
+`medjax.model.einsum_attention` is the reference this must match (for segments that are
+contiguous runs of ids, see `flash_attention`); splash (`medjax.attention_tpu`) replaces it
+on TPU.
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ def query_block(head_dim: int, on_cpu: bool) -> int:
   return 32 if head_dim <= 16 else 64
 
 
+def _rows(t: int, block: int) -> int:
+  return min(max(block, -(-t // 16)), t)  # at most 16 blocks: long sequences compile quickly
+
+
 def _blocks(t: int, block: int) -> list[tuple[int, int]]:
-  block = max(block, -(-t // 16))  # at most 16 blocks, so long sequences compile quickly
-  return [(i, min(i + block, t)) for i in range(0, t, block)]
+  rows = _rows(t, block)
+  return [(i, min(i + rows, t)) for i in range(0, t, rows)]
 
 
 def _mask(start, i0: int, i1: int):
@@ -62,7 +67,8 @@ def _scores(qb, k, start, i0, i1, scale):
 
 
 def _forward(q, k, v, start, scale, block):
-  """q [P,G,T,H], k/v [P,T,H], start [P,T] (first slot of each segment) -> (out [P,G,T,H], lse [P,G,T] f32)."""
+  """q [P,G,T,H], k/v [P,T,H], start [P,T] (each token's segment's first slot)
+  -> (out [P,G,T,H], lse [P,G,T] f32)."""
   outs, lses = [], []
   for i0, i1 in _blocks(q.shape[2], block):
     s = _scores(q[:, :, i0:i1], k, start, i0, i1, scale)
@@ -127,7 +133,7 @@ def _local(q, k, v, start, scale, on_cpu):
   qp = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(pairs, g, t, h)
   kp, vp = (x.transpose(0, 2, 1, 3).reshape(pairs, t, h) for x in (k, v))
   sp = jnp.broadcast_to(start[:, None], (b, kh, t)).reshape(pairs, t)
-  c = _chunk(pairs, g, min(block, t), t) if on_cpu else pairs
+  c = _chunk(pairs, g, _rows(t, block), t) if on_cpu else pairs
   if c == pairs:
     out = _flash(qp, kp, vp, sp, scale, block)
   else:
