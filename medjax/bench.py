@@ -327,6 +327,9 @@ def bench_train(s: dict, steps: int, compare_hf: bool, warmup: int = 1, log=prin
   cfg = s["cfg"]
   tokens = s["batch"] * s["seq"]
   block = block or (5 if steps >= 20 else 1)
+  if block < 1:
+    from medjax.errors import ConfigError
+    raise ConfigError(f"--block {block}: expected a positive number of steps")
   batches = train_batches(s, steps)
   log(f"shape: {cfg.num_params() / 1e6:.2f}M params (d{cfg.hidden_size} f"
       f"{cfg.intermediate_size} L{cfg.num_hidden_layers} h{cfg.num_attention_heads} "

@@ -26,9 +26,11 @@ def test_train_compare_hf_records(capsys, tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   results = tmp_path / "RESULTS.md"
-  out = _bench(capsys, "train", "--shape", "tiny", "--compare-hf", "--steps", "3",
-               "--results", str(results))
+  out = _bench(capsys, "train", "--shape", "tiny", "--compare-hf", "--steps", "5",
+               "--block", "2", "--results", str(results))
   assert "tokens/s" in out and "GFLOP/s" in out and "of XLA peak" in out
+  # Blocks [0,1] [2,3] [4]: step 0 is warm-up, 2 and 4 open a block and are timed apart.
+  assert "(median of 2)" in out and "first step of each block of 2" in out
   assert "ratio medjax / transformers tokens/s:" in out
   assert "compile" in out  # compilation reported, outside the rates
   # Same weights, data and optimizer: the same losses (f32).
