@@ -1,6 +1,6 @@
 """`medjax bench`: medjax side by side with Hugging Face, in one process, alternately.
 
-  medjax bench train --shape 50m --compare-hf      # step time, tokens/s, FLOP/s, MFU, ratio
+  medjax bench train --shape 50m --compare-hf --steps 16 --block 4   # tokens/s, MFU, ratio
   medjax bench train --shape demo --compare-hf --steps 200   # TinyStories-260K CPT, losses too
   medjax bench generate --shape 50m --compare-hf   # greedy decoding tokens/s, batch 8
   medjax bench data                                # packed CPT pipeline tokens/s
@@ -8,9 +8,9 @@
   medjax bench fit                                 # `medjax fit` on the paper's TPU slices
   medjax bench scaling                             # tokens/s vs sequence length and width
 
-The machine is shared by whatever else runs, so the two sides are timed in turn, step by
-step, and compared by ratio; the f32 matmul peaks of XLA and PyTorch are measured the same
-way in the same run. Compilation and warm-up are timed separately, never in the rates. Each
+The machine is shared by whatever else runs, so the two sides are timed in turn (single
+steps, or blocks of steps with `--block`) and compared by ratio; the f32 matmul peaks of XLA
+and PyTorch are measured the same way in the same run. Compilation and warm-up are timed separately, never in the rates. Each
 run appends its figures, the device, date, commit and exact command to
 `benchmarks/RESULTS.md` (`--no-record` to skip, `--results FILE` elsewhere).
 """
