@@ -66,6 +66,12 @@ def train_args(root: Path, *overrides: str) -> list[str]:
           + [f"--config.{k}={v}" for k, v in base.items()] + list(overrides))
 
 
+def eval_args(root: Path, flag: str, source: str, *extra: str, ckpt: str = "ckpt") -> list[str]:
+  """`medjax eval` of root/ckpt on root/source (given as --cmexam or --text) into res.json."""
+  return (["eval", "--checkpoint", str(root / ckpt), flag, str(root / source), *extra,
+           "--out", str(root / "res.json")])
+
+
 def _bad_hf(root: Path, **kw) -> Path:
   return write_hf(root / "hf_case", **kw)
 
@@ -129,19 +135,16 @@ CASES = [
      "consolidated.00.pt: refusing to load a PyTorch pickle", "out"),
     ("cmexam-missing-columns",
      lambda r: ((r / "q.csv").write_text("Question,Options\n问,A 甲\\nB 乙\n"),
-                ["eval", "--checkpoint", str(r / "ckpt"), "--cmexam", str(r / "q.csv"),
-                 "--out", str(r / "res.json")])[1],
+                eval_args(r, "--cmexam", "q.csv"))[1],
      "q.csv:1: missing column 'Answer'", "res.json"),
     ("cmexam-unparseable-options",
      lambda r: ((r / "q.csv").write_text(
          "Question,Options,Answer,Explanation\n问题,甲乙丙丁,A,\n"),
-                ["eval", "--checkpoint", str(r / "ckpt"), "--cmexam", str(r / "q.csv"),
-                 "--out", str(r / "res.json")])[1],
+                eval_args(r, "--cmexam", "q.csv"))[1],
      "q.csv:2: option line '甲乙丙丁'", "res.json"),
     ("non-utf8-text",
      lambda r: ((r / "gbk.txt").write_bytes("发热咳嗽\n\n胸痛".encode("gbk")),
-                ["eval", "--checkpoint", str(r / "ckpt"), "--text", str(r / "gbk.txt"),
-                 "--out", str(r / "res.json")])[1],
+                eval_args(r, "--text", "gbk.txt"))[1],
      "gbk.txt:1: not UTF-8", "res.json"),
     ("empty-corpus",
      lambda r: ((r / "empty.txt").write_text("\n\n"),
@@ -179,17 +182,14 @@ CASES = [
      "out: directory is not empty (pass --overwrite", None),
     ("eval-checkpoint-without-tokenizer",
      lambda r: ((r / "t.txt").write_text("fever and cough"),
-                ["eval", "--checkpoint", str(r / "ckpt"), "--text", str(r / "t.txt"),
-                 "--out", str(r / "res.json")])[1],
+                eval_args(r, "--text", "t.txt"))[1],
      "ckpt: checkpoint has no tokenizer.model", "res.json"),
     ("eval-missing-checkpoint",
      lambda r: ((r / "t.txt").write_text("fever"),
-                ["eval", "--checkpoint", str(r / "nope"), "--text", str(r / "t.txt"),
-                 "--out", str(r / "res.json")])[1],
+                eval_args(r, "--text", "t.txt", ckpt="nope"))[1],
      "nope: no such checkpoint", "res.json"),
     ("eval-bad-limit",
-     lambda r: ["eval", "--checkpoint", str(r / "ckpt"), "--text", str(r / "corpus.txt"),
-                "--limit", "0", "--out", str(r / "res.json")],
+     lambda r: eval_args(r, "--text", "corpus.txt", "--limit", "0"),
      "--limit 0: must be >= 1", "res.json"),
 ]
 
