@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import math
 import os
 import platform
 import shlex
@@ -575,41 +576,28 @@ def import_lines(shape: str, r: dict) -> list[str]:
 # ------------------------------------------------------------------------------ fit
 
 
-FIT_CASES = [  # (preset, topology, slice name): the issue's table
-    ("llama2-7b", "v5p:2x2x1", "v5p-8"), ("llama2-7b", "v5e:4x4", "v5e-16"),
-    ("llama2-13b", "v5p:2x2x2", "v5p-16"), ("llama2-70b", "v5p:2x2x4", "v5p-32"),
-]
-
-
 def bench_fit(quick: bool) -> list[dict]:
-  """Rows {model, topology, batch_per_device, fits, per_device_gib, hbm_gib, compile_s}."""
-  from medjax import config as config_lib, fit
-  if hasattr(fit, "bench_cases"):
-    return fit.bench_cases(quick)
-  cases = [("tiny", "v5p:2x2x1", "v5p-8")] if quick else FIT_CASES
-  rows = []
-  for preset, topo, name in cases:
-    cfg = config_lib.preset(preset, dtype="bfloat16", scan_layers=True, remat="full")
-    chips = fit.math.prod(fit.parse_topology(topo)[1])
-    seq = 128 if quick else 4096
-    r = fit.fit_report(cfg, topo, seq, chips)
-    rows.append({"model": f"{preset} seq {seq}", "topology": f"{name} ({topo})",
-                 "batch_per_device": 1, "fits": r["fits"],
-                 "per_device_gib": r.get("total", float("nan")) / fit.GIB,
-                 "hbm_gib": r["hbm"] / fit.GIB, "compile_s": r["compile_s"],
-                 "note": r["note"]})
-  return rows
+  """The fit table's rows (`medjax.fit.bench_cases`)."""
+  from medjax import fit
+  return fit.bench_cases(quick)
 
 
 def fit_lines(rows: list[dict]) -> list[str]:
-  lines = [f"{'model':<22} {'slice':<20} {'batch/dev':>9} {'per device':>11} {'HBM':>8} "
-           f"{'compile':>8}  verdict"]
+  """A markdown table with the columns of benchmarks/FIT.md."""
+  def gib(x):
+    return "–" if x != x else f"{x:.2f} GiB"
+  lines = ["| model | slice | rows/chip | remat | args + temps | XLA peak | MaxText | fits "
+           "| compile wall / CPU |", "|---|---|---:|---|---:|---:|---:|---|---:|"]
   for r in rows:
-    lines.append(f"{r['model']:<22} {r['topology']:<20} {r['batch_per_device']:>9} "
-                 f"{r['per_device_gib']:>7.2f} GiB {r['hbm_gib']:>4.0f} GiB "
-                 f"{r['compile_s']:>6.1f} s  {'FITS' if r['fits'] else 'DOES NOT FIT'}")
-  notes = {r.get("note") for r in rows if r.get("note")}
-  lines += [f"NOTE: {n}" for n in notes]
+    peak = gib(r["peak_gib"]) + (f" + {r['host_gib']:.1f} GiB host" if r["host_gib"] else "")
+    maxtext = r["maxtext"] if isinstance(r["maxtext"], str) else gib(r["maxtext"] or math.nan)
+    lines.append(f"| {r['model']} | {r['topology']} | {r['batch_per_device']} | {r['remat']} "
+                 f"| {gib(r['per_device_gib'])} | {peak} | {maxtext} "
+                 f"| {'yes' if r['fits'] else 'no'} "
+                 f"| {r['compile_s']:.0f} s / {r['compile_cpu_s']:.0f} s |")
+  lines += [f"NOTE: {n}" for n in dict.fromkeys(r["note"] for r in rows if r.get("note"))]
+  lines += [f"{r['topology']} x{r['batch_per_device']}: {r['error']}" for r in rows
+            if r.get("error")]
   return lines
 
 

@@ -29,10 +29,10 @@ import orbax.checkpoint as ocp
 from medjax import lora, modeldir
 from medjax.config import LlamaConfig
 from medjax.errors import CheckpointError
+from medjax.metrics import METRICS_FILE
 
 CKPT_DIR = "checkpoints"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step still being written
-METRICS = "metrics.jsonl"
 
 
 def _log(msg):
@@ -341,7 +341,7 @@ def read_step(step_dir: str) -> tuple[dict, dict]:
 def trim_metrics(workdir: str, step: int) -> None:
   """Drops `metrics.jsonl` records after `step` (and a line torn by a crash), so a resumed
   run's log continues the uninterrupted one instead of repeating the steps it lost."""
-  path = os.path.join(workdir, METRICS)
+  path = os.path.join(workdir, METRICS_FILE)
   if jax.process_index() != 0 or not os.path.exists(path):
     return
   keep = []

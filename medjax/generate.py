@@ -87,9 +87,10 @@ def _generate_ids(cfg: LlamaConfig, params, tokens, segment_ids, positions, leng
   key = jax.random.PRNGKey(seed)
   b, p = tokens.shape
   cache = model_lib.init_cache(cfg, b, p + max_new_tokens)
-  logits, cache = model_lib.forward(cfg, params, tokens, positions=positions,
-                                    segment_ids=segment_ids, cache=cache)  # [B,P,V]
   # Left padding puts every row's last prompt token in the last slot.
+  logits, cache = model_lib.forward(cfg, params, tokens, positions=positions,
+                                    segment_ids=segment_ids, cache=cache,
+                                    last_only=True)  # [B,1,V]
   first = _pick(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_p, greedy)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
   done = first == eos_id  # [B]

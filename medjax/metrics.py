@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+METRICS_FILE = "metrics.jsonl"  # one JSON record per line, in every training workdir
+
 # Peak dense bf16 FLOP/s per chip (vendor figures).
 PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -54,7 +56,7 @@ class Logger:
     self.t_last = time.perf_counter()
     self.step_last = start
     self.tokens_seen = 0.0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, METRICS_FILE)
     self.tb = None
     self.bar = None
     if self.primary:

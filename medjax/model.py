@@ -234,6 +234,8 @@ class Llama(nn.Module):
     a contiguous run of equal ids.
   cache: from `init_cache`; when given, returns (logits, new_cache) and the tokens are
   written at cache["index"].
+  last_only: logits for the last slot only, [B,1,V]. A left-padded prefill needs no more,
+    and the vocab-wide head over every prompt slot would cost more than the layers.
   """
 
   cfg: LlamaConfig
@@ -241,7 +243,7 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, cache: dict[str, Any] | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, last_only: bool = False):
     c = self.cfg
     b, t = tokens.shape
     dt = jnp.dtype(c.dtype)
@@ -281,6 +283,8 @@ class Llama(nn.Module):
         x, nc = block(c, name=f"layers_{i}")(x, positions, mask, cache_index, lc)
         new_layers.append(nc)
 
+    if last_only:
+      x = x[:, -1:]
     x = RMSNorm(c, name="final_norm")(x)
     if return_hidden:
       return x

@@ -10,10 +10,12 @@ import json
 import os
 import statistics
 
+from medjax.metrics import METRICS_FILE
+
 
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
   """(train rows, eval rows) of a workdir's metrics.jsonl; eval rows carry `val_loss` etc."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = os.path.join(workdir, METRICS_FILE)
   train, evals = [], []
   if not os.path.exists(path):
     return train, evals

@@ -7,6 +7,7 @@ transformers train to the same losses), and print what they measured.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -76,4 +77,8 @@ def test_fit_quick():
                       "--no-record"], capture_output=True, text=True, env=env, timeout=600)
   print(p.stdout)
   assert p.returncode == 0, p.stderr[-2000:]
-  assert "FIT" in p.stdout and "GiB" in p.stdout
+  row = [ln for ln in p.stdout.splitlines() if ln.startswith("| tiny seq 256")]
+  assert len(row) == 1, p.stdout
+  cells = [c.strip() for c in row[0].strip("|").split("|")]
+  assert cells[7] == "yes" and cells[4].endswith("GiB") and float(cells[4].split()[0]) > 0
+  assert re.fullmatch(r"\d+ s / \d+ s", cells[8]), cells

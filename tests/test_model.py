@@ -85,6 +85,24 @@ def test_variants_agree(variant):
     assert float(jnp.abs(a - b).max()) <= 1e-5
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_last_only_is_the_last_slot(tie):
+  cfg = config.preset("tiny", tie_word_embeddings=tie)
+  params = model.init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
+  full = model.forward(cfg, params, tokens)
+  last = model.forward(cfg, params, tokens, last_only=True)
+  assert last.shape == (2, 1, cfg.vocab_size)
+  np.testing.assert_allclose(last, full[:, -1:], atol=1e-6, rtol=0)
+  # With a cache (the prefill case), the cache is still written for every slot.
+  cache = model.init_cache(cfg, 2, 12)
+  last_c, cache_l = model.forward(cfg, params, tokens, cache=cache, last_only=True)
+  _, cache_f = model.forward(cfg, params, tokens, cache=cache)
+  np.testing.assert_allclose(last_c, full[:, -1:], atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(cache_l), jax.tree.leaves(cache_f)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_bf16_compute_keeps_f32_params():
   cfg = config.preset("tiny", dtype="bfloat16")
   params = model.init_params(cfg, jax.random.PRNGKey(0))
