@@ -1,0 +1,126 @@
+"""Shared by the benchmarks: matmul peaks, the device line, and RESULTS.md records."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "RESULTS.md"
+
+
+def median_of(xs):
+  return statistics.median(xs) if xs else float("nan")
+
+
+class MatmulPeak:
+  """f32 n x n matmul FLOP/s of XLA and PyTorch, sampled between benchmark steps.
+
+  On a shared machine a single best-of figure catches a quiet moment the steps never saw;
+  sampling alongside the steps and taking the median puts both under the same load.
+  """
+
+  def __init__(self, n: int = 1024, torch: bool = True):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    self.flops, self.samples = 2 * n ** 3, {"xla": []}
+    self.xa, f = jnp.asarray(a), jax.jit(lambda x: x @ x)
+    f(self.xa).block_until_ready()
+    self.fns = {"xla": lambda: f(self.xa).block_until_ready()}
+    if torch:
+      try:
+        import torch as th
+        ta = th.from_numpy(a)
+        self.fns["torch"] = lambda: ta @ ta
+        self.samples["torch"] = []
+      except ImportError:
+        pass
+
+  def sample(self, reps: int = 1, keys=None) -> None:
+    """One sample per library and rep: the median of 3 back-to-back calls (a single call
+    right after a training step also times waking the thread pool)."""
+    for _ in range(reps):
+      for k, fn in self.fns.items():
+        if keys is not None and k not in keys:
+          continue
+        calls = []
+        for _ in range(3):
+          t = time.perf_counter()
+          fn()
+          calls.append(time.perf_counter() - t)
+        self.samples[k].append(self.flops / median_of(calls))
+
+  def median(self) -> dict:
+    return {k: median_of(v) for k, v in self.samples.items()}
+
+  def best(self) -> dict:
+    return {k: max(v) for k, v in self.samples.items()}
+
+  def describe(self) -> str:
+    med, best = self.median(), self.best()
+    s = (f"matmul f32 1024^3 ({len(self.samples['xla'])} samples between blocks): XLA median "
+         f"{fmt_rate(med['xla'])} (best {fmt_rate(best['xla'])})")
+    if "torch" in med:
+      s += (f", torch median {fmt_rate(med['torch'])} (best {fmt_rate(best['torch'])}); "
+            f"XLA/torch {med['xla'] / med['torch']:.2f}")
+    return s
+
+
+def device_info() -> str:
+  import jax
+  d = jax.devices()[0]
+  if d.platform != "cpu":
+    return f"{jax.device_count()} x {d.device_kind}"
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return f"CPU, {os.cpu_count()} cores ({model})"
+
+
+def commit() -> str:
+  root = Path(__file__).resolve().parents[2]
+  try:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                         capture_output=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           text=True, capture_output=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return (sha or "unknown") + (" (uncommitted changes)" if dirty else "")
+
+
+def record(args, title: str, lines: list[str]) -> None:
+  """Prints the figures and appends them to the results file (unless --no-record)."""
+  print("\n".join(lines))
+  if args.no_record:
+    return
+  path = Path(args.results or RESULTS)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  cmd = shlex.join(["medjax", *sys.argv[1:]]) if Path(sys.argv[0]).name in (
+      "medjax", "cli.py") else shlex.join(sys.argv)
+  note = f" — {args.note}" if args.note else ""
+  head = [f"## {title}", "",
+          f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+          f"- device: {device_info()}{note}",
+          f"- commit: {commit()}", f"- command: `{cmd}`", "", "```"]
+  new = not path.exists()
+  with open(path, "a") as f:
+    if new:
+      f.write("# medjax benchmark results\n\nAppended by `medjax bench`; newest last.\n\n")
+    f.write("\n".join(head + lines + ["```", "", ""]))
+  print(f"(appended to {path})")
+
+
+def fmt_rate(x: float) -> str:
+  return f"{x / 1e9:.2f} GFLOP/s"

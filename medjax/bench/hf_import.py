@@ -1,0 +1,90 @@
+"""`bench import`: HF -> medjax import of a synthetic model, wall time and peak RSS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+IMPORT_SHAPES = {
+    # 16 x (d1024, f2816) layers + 2 x 32000 x 1024 tables = 267M params = 1.07 GB in f32.
+    "1gb": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=4),
+}
+
+
+def write_synthetic_hf(cfg, out_dir: str, shard_bytes: int) -> list[str]:
+  """A random HF Llama dir (config.json + f32 safetensors shards), one tensor in memory."""
+  import json
+  import jax
+  import numpy as np
+  from medjax import config as config_lib, convert, model as model_lib, modeldir
+  shapes = modeldir.flatten(jax.eval_shape(
+      lambda: model_lib.init_params(cfg.replace(scan_layers=False), jax.random.PRNGKey(0))))
+  rng = np.random.default_rng(0)
+
+  def get(path):
+    if path.endswith("scale"):
+      return np.ones(shapes[path].shape, np.float32)
+    return rng.standard_normal(shapes[path].shape, dtype=np.float32) * np.float32(0.02)
+
+  os.makedirs(out_dir, exist_ok=True)
+  names = convert.write_hf_weights(cfg, out_dir, get, np.float32, shard_bytes)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_lib.to_hf_dict(cfg), f)
+  return [os.path.join(out_dir, n) for n in names]
+
+
+def _child_rss(cmd: list[str]) -> tuple[float, int, str]:
+  """(wall s, peak RSS bytes, output) of one child process (wait4: this child's own RSS)."""
+  t = time.perf_counter()
+  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  out = p.stdout.read()
+  _, status, ru = os.wait4(p.pid, 0)
+  p.returncode = os.waitstatus_to_exitcode(status)
+  wall = time.perf_counter() - t
+  if p.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-2000:]}")
+  return wall, ru.ru_maxrss * 1024, out  # Linux reports KiB
+
+
+def bench_import(shape: str, shard_mb: float, workdir: str | None = None) -> dict:
+  from medjax import config as config_lib
+  cfg = config_lib.LlamaConfig(max_position_embeddings=4096, **IMPORT_SHAPES[shape])
+  with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "medjax")
+    t = time.perf_counter()
+    shards = write_synthetic_hf(cfg, hf_dir, int(shard_mb * (1 << 20)))
+    write_s = time.perf_counter() - t
+    sizes = [os.path.getsize(p) for p in shards]
+    base_s, base_rss, _ = _child_rss([sys.executable, "-c",
+                                      "import medjax.cli, medjax.convert_cli, medjax.hf"])
+    wall, rss, out = _child_rss([sys.executable, "-m", "medjax.cli", "import-hf", hf_dir,
+                                 out_dir])
+    ckpt = sum(f.stat().st_size for f in Path(out_dir).rglob("*") if f.is_file())
+  return {"params": cfg.num_params(), "shards": sizes, "write_s": write_s, "wall_s": wall,
+          "peak_rss": rss, "baseline_rss": base_rss, "baseline_s": base_s,
+          "ckpt_bytes": ckpt, "log": out.strip().splitlines()[-1:]}
+
+
+def import_lines(shape: str, r: dict) -> list[str]:
+  def mb(b):
+    return f"{b / (1 << 20):.0f} MiB" if b >= 10 << 20 else f"{b / (1 << 20):.2f} MiB"
+
+  big = max(r["shards"])
+  return [
+      f"synthetic HF Llama '{shape}': {r['params'] / 1e6:.1f}M params, f32, "
+      f"{len(r['shards'])} shards ({', '.join(mb(s) for s in r['shards'])}), "
+      f"written in {r['write_s']:.1f} s",
+      f"import-hf (subprocess, scan layout): {r['wall_s']:.1f} s wall, peak RSS "
+      f"{mb(r['peak_rss'])} = {r['peak_rss'] / big:.2f}x the largest shard ({mb(big)})",
+      f"  of which python + jax + orbax at rest: {mb(r['baseline_rss'])} "
+      f"(import alone {r['baseline_s']:.1f} s); above it: "
+      f"{(r['peak_rss'] - r['baseline_rss']) / big:.2f}x the largest shard",
+      f"  checkpoint written: {mb(r['ckpt_bytes'])}",
+  ]
