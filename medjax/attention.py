@@ -97,20 +97,24 @@ def _flash_bwd(scale, block, res, dout):
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [P,G,T]
   t = k.shape[1]
   dqs = []
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
+  # dK and dV are accumulated transposed, [P,H,S]: contracting (G,T) of the [P,G,T,S] score
+  # blocks as they lie, instead of XLA copying each block to [P,S,G*T] first (the copies
+  # took ~40% of this backward at head_dim 8 on CPU, measured).
+  dkt = jnp.zeros((k.shape[0], k.shape[2], t), jnp.float32)
+  dvt = jnp.zeros((v.shape[0], v.shape[2], t), jnp.float32)
   for i0, i1 in _blocks(q.shape[2], block):
     qb, db = q[:, :, i0:i1], dout[:, :, i0:i1]
     p = jnp.exp(_scores(qb, k, start, i0, i1, scale) - lse[..., i0:i1, None])
     dp = jnp.einsum("PGTH,PSH->PGTS", db, v[:, :i1], preferred_element_type=jnp.float32)
     ds = (p * (dp - delta[..., i0:i1, None]) * scale).astype(q.dtype)
     dqs.append(jnp.einsum("PGTS,PSH->PGTH", ds, k[:, :i1], preferred_element_type=jnp.float32))
-    pad = ((0, 0), (0, t - i1), (0, 0))
-    dk = dk + jnp.pad(jnp.einsum("PGTS,PGTH->PSH", ds, qb,
-                                 preferred_element_type=jnp.float32), pad)
-    dv = dv + jnp.pad(jnp.einsum("PGTS,PGTH->PSH", p.astype(db.dtype), db,
-                                 preferred_element_type=jnp.float32), pad)
+    pad = ((0, 0), (0, 0), (0, t - i1))
+    dkt = dkt + jnp.pad(jnp.einsum("PGTH,PGTS->PHS", qb, ds,
+                                   preferred_element_type=jnp.float32), pad)
+    dvt = dvt + jnp.pad(jnp.einsum("PGTH,PGTS->PHS", db, p.astype(db.dtype),
+                                   preferred_element_type=jnp.float32), pad)
   dq = jnp.concatenate(dqs, axis=2)
+  dk, dv = dkt.transpose(0, 2, 1), dvt.transpose(0, 2, 1)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
