@@ -14,7 +14,7 @@ from typing import Any
 from medjax.errors import ConfigError
 
 
-ATTENTION = ("einsum", "dot_product", "splash", "auto")
+ATTENTION = ("einsum", "dot_product", "cudnn", "splash", "auto")
 # What a layer keeps for the backward pass (the rest is recomputed):
 #   none: everything; full: only the layer's input;
 #   dots_saveable: every matmul output (jax.checkpoint_policies.checkpoint_dots);
@@ -48,10 +48,11 @@ class LlamaConfig:
   scan_layers: bool = False
   remat: str = "none"  # one of REMAT_POLICIES
   # einsum (XLA: flash-style `medjax.attention` in full passes, the reference einsum with
-  # a KV cache) | dot_product (jax.nn.dot_product_attention, cuDNN flash on GPU) |
+  # a KV cache) | dot_product (jax.nn.dot_product_attention with a dense mask, XLA's) |
+  # cudnn (cuDNN flash on GPU for rows of one document, medjax.attention_gpu) |
   # splash (Pallas TPU kernel, medjax.attention_tpu) | auto (splash when compiling for TPU,
-  # else einsum). splash/auto fall back to einsum for KV-cache decoding and lengths that
-  # are not a multiple of 128.
+  # cudnn for GPU with bf16/fp16 activations, else einsum). All fall back to einsum for
+  # KV-cache decoding; splash also for lengths that are not a multiple of 128.
   attention: str = "einsum"
   lora_rank: int = 0
   lora_alpha: float = 16.0

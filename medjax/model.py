@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from medjax import attention, attention_tpu
+from medjax import attention, attention_gpu, attention_tpu
 from medjax.config import LlamaConfig
 from medjax import sharding as sharding_lib
 from medjax.sharding import constrain
@@ -169,6 +169,8 @@ class Attention(nn.Module):
     if mask.ndim == 2 and attention_tpu.wanted(c.attention, q.shape[1]):
       out = attention_tpu.splash_attention(q, kk, v, mask, scale,
                                            interpret=not attention_tpu.is_tpu_target())
+    elif mask.ndim == 2 and attention_gpu.wanted(c.attention, q.dtype, h):
+      out = attention_gpu.cudnn_attention(q, kk, v, mask, scale)
     elif mask.ndim == 2:  # segment ids: a full pass, flash-style in XLA
       out = attention.flash_attention(q, kk, v, mask, scale)
     elif c.attention == "dot_product":

@@ -3,18 +3,22 @@
   medjax bench train --shape 50m --compare-hf --steps 16 --block 4   # tokens/s, MFU, ratio
   medjax bench train --shape demo --compare-hf --steps 200   # TinyStories-260K CPT, losses too
   medjax bench generate --shape 50m --compare-hf   # greedy decoding tokens/s, batch 8
+  medjax bench train --shape 7b --layers 8 --compare-hf --steps 12 --block 3   # on a GPU
+  medjax bench attention                           # fwd+bwd of each attention implementation
   medjax bench data                                # packed CPT pipeline tokens/s
   medjax bench import                              # HF -> medjax of a ~1 GB model: time, RSS
   medjax bench fit                                 # `medjax fit` on the paper's TPU slices
   medjax bench scaling                             # tokens/s vs sequence length and width
 
 The machine is shared by whatever else runs, so the two sides are timed in turn (single
-steps, or blocks of steps with `--block`) and compared by ratio; the f32 matmul peaks of XLA
-and PyTorch are measured the same way in the same run. Compilation and warm-up are timed
+steps, or blocks of steps with `--block`) and compared by ratio; the matmul peaks of XLA
+and PyTorch (f32 on CPU, bf16 on a GPU) are measured the same way in the same run. On a GPU
+both sides share the device: f32 weights and AdamW, bf16 activations (torch: autocast,
+sdpa attention, fused AdamW), cuDNN attention for medjax. Compilation and warm-up are timed
 separately, never in the rates. Each run appends its figures, the device, date, commit and
 exact command to `benchmarks/RESULTS.md` (`--no-record` to skip, `--results FILE` elsewhere).
 
-One module per subcommand (train, generate, hf_import, fit_table, scaling); `models` holds
+One module per subcommand (train, generate, attention, hf_import, fit_table, scaling); `models` holds
 the shapes, weights, batches and the two trainers they share, `common` the matmul peaks and
 the results file. This module is the command line.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from medjax.bench.attention import attention_lines, bench_attention
 from medjax.bench.common import RESULTS, record
 from medjax.bench.fit_table import bench_fit, fit_lines
 from medjax.bench.generate import bench_generate, generate_lines
@@ -31,6 +36,7 @@ from medjax.bench.hf_import import IMPORT_SHAPES, bench_import, import_lines
 from medjax.bench.models import SHAPES, make_shape
 from medjax.bench.scaling import bench_scaling, scaling_lines
 from medjax.bench.train import bench_train, train_lines
+from medjax.config import ATTENTION
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +52,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
       p.add_argument("--seq-len", type=int, help="tokens per row (default: the shape's)")
       p.add_argument("--width", type=int, help="hidden size (random shapes; mlp = 8/3 width)")
       p.add_argument("--layers", type=int, help="number of layers (random shapes)")
-      p.add_argument("--attention", choices=["einsum", "dot_product"], default=None)
+      p.add_argument("--attention", choices=list(ATTENTION), default=None,
+                     help="default: the shape's (einsum); auto off CPU (cuDNN on GPU)")
+      p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                     help="activations (weights and AdamW stay f32); default f32 on CPU, "
+                          "bf16 elsewhere")
 
   t = sub.add_parser("train", help="train steps: medjax vs transformers + torch AdamW")
   common(t)
@@ -62,6 +72,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--prompt-len", type=int, default=16)
   g.add_argument("--reps", type=int, default=3)
   g.add_argument("--compare-hf", action="store_true")
+
+  a = sub.add_parser("attention", help="fwd+bwd time of each attention implementation")
+  common(a, shape=None)
+  a.add_argument("--batch", type=int, default=1)
+  a.add_argument("--seq-len", type=int, default=4096)
+  a.add_argument("--heads", type=int, default=32)
+  a.add_argument("--kv-heads", type=int, default=32)
+  a.add_argument("--head-dim", type=int, default=128)
+  a.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+  a.add_argument("--reps", type=int, default=10)
 
   d = sub.add_parser("data", help="packed CPT pipeline tokens/s per process")
   common(d, shape=None)
@@ -95,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     # CPU stand-in devices for the slice when libtpu is absent; before jax starts.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count=32").strip()
+  # Both libraries share a GPU in one process: jax must not take 75% of it up front.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if cmd in ("train", "generate", "scaling"):
     s = dict(make_shape(args.shape, args), name=args.shape)
   if cmd == "train":
@@ -105,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     r = bench_generate(s, args.new_tokens, b, args.prompt_len, args.reps, args.compare_hf)
     record(args, f"generate --shape {args.shape}",
            generate_lines(s, r, args.new_tokens, b, args.prompt_len))
+  elif cmd == "attention":
+    shape = (args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, args.dtype)
+    record(args, "attention", attention_lines(bench_attention(*shape, args.reps), *shape))
   elif cmd == "data":
     from medjax import corpus, data as data_lib
     from medjax.tokenizer import Tokenizer

@@ -19,30 +19,67 @@ def median_of(xs):
   return statistics.median(xs) if xs else float("nan")
 
 
+# Dense bf16 matmul FLOP/s from the vendor's datasheet, by device kind (SXM parts).
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def datasheet_peak(device_kind: str) -> float | None:
+  return next((v for k, v in DATASHEET_BF16.items() if k in device_kind), None)
+
+
 class MatmulPeak:
-  """f32 n x n matmul FLOP/s of XLA and PyTorch, sampled between benchmark steps.
+  """n x n matmul FLOP/s of XLA and PyTorch, sampled between benchmark steps.
 
   On a shared machine a single best-of figure catches a quiet moment the steps never saw;
   sampling alongside the steps and taking the median puts both under the same load.
+  `reps` products run back to back per timed call (a GPU product is ~1 ms, near the cost
+  of the host's clock and sync).
   """
 
-  def __init__(self, n: int = 1024, torch: bool = True):
+  def __init__(self, n: int = 1024, torch: bool = True, dtype: str = "float32",
+               reps: int = 1):
     import jax
     import jax.numpy as jnp
     import numpy as np
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    self.flops, self.samples = 2 * n ** 3, {"xla": []}
-    self.xa, f = jnp.asarray(a), jax.jit(lambda x: x @ x)
+    self.n, self.dtype, self.reps = n, dtype, reps
+    self.flops, self.samples = 2 * n ** 3 * reps, {"xla": []}
+    self.xa, f = jnp.asarray(a, dtype), jax.jit(lambda x: x @ x)
     f(self.xa).block_until_ready()
-    self.fns = {"xla": lambda: f(self.xa).block_until_ready()}
+
+    def xla():
+      for _ in range(reps):
+        out = f(self.xa)
+      out.block_until_ready()
+    self.fns = {"xla": xla}
+    self.datasheet = None
+    if jax.default_backend() != "cpu":
+      self.datasheet = datasheet_peak(jax.devices()[0].device_kind)
     if torch:
       try:
         import torch as th
-        ta = th.from_numpy(a)
-        self.fns["torch"] = lambda: ta @ ta
+        from medjax.bench.models import torch_device
+        dev = torch_device()
+        ta = th.from_numpy(a).to(dev, getattr(th, dtype))
+        sync = th.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+        def torch_mm():
+          for _ in range(reps):
+            ta @ ta
+          sync()
+        torch_mm()
+        self.fns["torch"] = torch_mm
         self.samples["torch"] = []
       except ImportError:
         pass
+
+  @classmethod
+  def for_backend(cls, torch: bool = True) -> "MatmulPeak":
+    """f32 1024^3 on CPU (the goals' reference); bf16 8192^3, 5 per call, elsewhere."""
+    from medjax.bench.models import on_accelerator
+    if on_accelerator():
+      return cls(8192, torch, "bfloat16", reps=5)
+    return cls(1024, torch)
 
   def sample(self, reps: int = 1, keys=None) -> None:
     """One sample per library and rep: the median of 3 back-to-back calls (a single call
@@ -66,7 +103,8 @@ class MatmulPeak:
 
   def describe(self) -> str:
     med, best = self.median(), self.best()
-    s = (f"matmul f32 1024^3 ({len(self.samples['xla'])} samples between blocks): XLA median "
+    dt = {"float32": "f32", "bfloat16": "bf16"}.get(self.dtype, self.dtype)
+    s = (f"matmul {dt} {self.n}^3 ({len(self.samples['xla'])} samples between blocks): XLA median "
          f"{fmt_rate(med['xla'])} (best {fmt_rate(best['xla'])})")
     if "torch" in med:
       s += (f", torch median {fmt_rate(med['torch'])} (best {fmt_rate(best['torch'])}); "
@@ -96,8 +134,10 @@ def commit() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                            text=True, capture_output=True, timeout=10).stdout.strip()
   except (OSError, subprocess.SubprocessError):
-    return "unknown"
-  return (sha or "unknown") + (" (uncommitted changes)" if dirty else "")
+    sha, dirty = "", ""
+  if not sha:  # a copy without .git (e.g. shipped to a GPU machine) may name its commit
+    return os.environ.get("MEDJAX_COMMIT", "unknown")
+  return sha + (" (uncommitted changes)" if dirty else "")
 
 
 def record(args, title: str, lines: list[str]) -> None:
@@ -123,4 +163,4 @@ def record(args, title: str, lines: list[str]) -> None:
 
 
 def fmt_rate(x: float) -> str:
-  return f"{x / 1e9:.2f} GFLOP/s"
+  return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e13 else f"{x / 1e9:.2f} GFLOP/s"

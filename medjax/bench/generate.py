@@ -35,7 +35,7 @@ def bench_generate(s: dict, new_tokens: int, batch: int, prompt_len: int, reps: 
   hf_run = None
   if hf is not None:
     import torch
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts).to(hf.device)
     hf.generation_config.eos_token_id = None  # always N tokens, like medjax with eos_id=None
     hf.generation_config.pad_token_id = 0
 
@@ -61,7 +61,7 @@ def bench_generate(s: dict, new_tokens: int, batch: int, prompt_len: int, reps: 
 
 def generate_lines(s: dict, r: dict, new_tokens: int, batch: int, prompt_len: int) -> list[str]:
   cfg = s["cfg"]
-  lines = [f"shape {s['name']}: {cfg.num_params() / 1e6:.2f}M params, f32, batch {batch}, "
+  lines = [f"shape {s['name']}: {cfg.num_params() / 1e6:.2f}M params, {cfg.dtype}, batch {batch}, "
            f"prompt {prompt_len} tokens, {new_tokens} new tokens, greedy"]
   tps = {}
   for name, label in (("mj", "medjax"), ("hf", "transformers")):

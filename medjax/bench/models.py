@@ -15,19 +15,31 @@ SHAPES = {
     "50m": dict(model=dict(vocab_size=32000, hidden_size=512, intermediate_size=1408,
                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
                 batch=4, seq=512, data="random"),
+    # Llama-2-7B width for GPUs; pass --layers to fit both sides in one device's memory.
+    "7b": dict(model=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+               batch=1, seq=4096, data="random"),
 }
 # AdamW as the tiny CPT config trains (configs/tiny_cpt.py): warmup + cosine to 10%.
 OPTIM = dict(lr=3e-3, warmup_frac=0.1, final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
              weight_decay=0.1, clip_norm=1.0)
 
 
+def on_accelerator() -> bool:
+  import jax
+  return jax.default_backend() != "cpu"
+
+
 def make_shape(name: str, args) -> dict:
-  from medjax import config as config_lib, data as data_lib
+  """The shape's config with the command line's overrides. Off CPU the defaults are bf16
+  activations (f32 weights and optimizer) and attention 'auto' (cuDNN on GPU)."""
+  from medjax import config as config_lib
   from medjax.errors import ConfigError
   if name not in SHAPES:
     raise ConfigError(f"--shape {name!r}: expected one of {', '.join(SHAPES)}")
   s = dict(SHAPES[name])
   if "hf_dir" in s:
+    from medjax import data as data_lib  # grain: only the shipped-model shapes need it
     s["hf_dir"] = str(data_lib.asset_path(s["hf_dir"].split(":", 1)[1]))
     cfg = config_lib.load_hf_config(s["hf_dir"])
   else:
@@ -38,15 +50,24 @@ def make_shape(name: str, args) -> dict:
     over["intermediate_size"] = 256 * -(-int(args.width * 8 / 3) // 256)
   if over and "hf_dir" in s:
     raise ConfigError("--width/--layers change random shapes only, not the shipped model")
-  s["cfg"] = cfg.replace(attention=args.attention, **over) if args.attention else \
-      cfg.replace(**over)
+  accel = on_accelerator()
+  over["dtype"] = getattr(args, "dtype", None) or ("bfloat16" if accel else "float32")
+  attention = args.attention or ("auto" if accel else None)
+  s["cfg"] = cfg.replace(attention=attention, **over) if attention else cfg.replace(**over)
   s["batch"] = args.batch or s["batch"]
   s["seq"] = args.seq_len or s["seq"]
   return s
 
 
+def torch_device():
+  """CUDA when jax runs on a GPU too (the two sides share the device), else CPU."""
+  import torch
+  return torch.device("cuda" if on_accelerator() and torch.cuda.is_available() else "cpu")
+
+
 def hf_model(s: dict, seed: int = 0):
-  """(torch LlamaForCausalLM in f32, medjax params with the same weights)."""
+  """(torch LlamaForCausalLM with f32 weights and sdpa attention on `torch_device()`,
+  medjax params (numpy) with the same weights)."""
   import numpy as np
   import torch
   import transformers
@@ -54,10 +75,12 @@ def hf_model(s: dict, seed: int = 0):
   cfg = s["cfg"]
   torch.manual_seed(seed)
   if "hf_dir" in s:
-    m = transformers.LlamaForCausalLM.from_pretrained(s["hf_dir"], dtype=torch.float32)
+    m = transformers.LlamaForCausalLM.from_pretrained(s["hf_dir"], dtype=torch.float32,
+                                                      attn_implementation="sdpa")
   else:
     hcfg = transformers.LlamaConfig(**{k: v for k, v in config_lib.to_hf_dict(cfg).items()
-                                       if k not in ("architectures", "torch_dtype")})
+                                       if k not in ("architectures", "torch_dtype")},
+                                    attn_implementation="sdpa")
     m = transformers.LlamaForCausalLM(hcfg)
   flat = {}
   for key, w in m.state_dict().items():
@@ -65,7 +88,7 @@ def hf_model(s: dict, seed: int = 0):
     if hit is not None and not (cfg.tie_word_embeddings and key == "lm_head.weight"):
       flat[hit[0]] = np.array(convert.to_medjax(cfg, hit[1], w.detach().float().numpy()))
   params = modeldir.to_layout(modeldir.unflatten(flat), cfg)
-  return m, params
+  return m.to(torch_device()), params
 
 
 def train_batches(s: dict, n: int, seed: int = 0) -> list[dict]:
@@ -131,19 +154,28 @@ class MedjaxTrainer:
 
 
 class HFTrainer:
-  """transformers' LlamaForCausalLM + torch.optim.AdamW, the same schedule and clipping."""
+  """transformers' LlamaForCausalLM + torch.optim.AdamW, the same schedule and clipping.
 
-  def __init__(self, model, steps: int):
+  On CUDA: the fused AdamW (transformers' default optimizer there) and bf16 autocast over
+  f32 weights when `dtype` is bfloat16, as medjax's f32 weights with bf16 activations.
+  """
+
+  def __init__(self, model, steps: int, dtype: str = "float32"):
+    import contextlib
     import torch
     from medjax import train_step as ts
     self.m = model.train()
+    self.device = next(model.parameters()).device
+    cuda = self.device.type == "cuda"
+    self.autocast = (torch.autocast("cuda", dtype=getattr(torch, dtype))
+                     if cuda and dtype != "float32" else contextlib.nullcontext())
     o = optim_config(steps)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     self.opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+        lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, **({"fused": True} if cuda else {}))
     sched = ts.learning_rate_schedule(o)
     # optax evaluates the schedule at the update count (0 first), as LambdaLR does.
     lrs = [float(sched(i)) / o.lr for i in range(steps + 2)]
@@ -154,11 +186,12 @@ class HFTrainer:
   def step(self, batch) -> float:
     import torch
     import torch.nn.functional as F
-    inputs = torch.from_numpy(batch["inputs"]).long()
-    targets = torch.from_numpy(batch["targets"]).long()
-    mask = torch.from_numpy(batch["loss_mask"])
+    inputs, targets, mask = (torch.from_numpy(batch[k]).to(self.device)
+                             for k in ("inputs", "targets", "loss_mask"))
+    inputs, targets = inputs.long(), targets.long()
     self.opt.zero_grad(set_to_none=True)
-    logits = self.m(input_ids=inputs).logits
+    with self.autocast:
+      logits = self.m(input_ids=inputs).logits
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     loss = (nll * mask.flatten()).sum() / mask.sum()
     loss.backward()

@@ -34,7 +34,7 @@ def bench_train(s: dict, steps: int, compare_hf: bool, warmup: int = 1, log=prin
       f"({warmup} warm-up), blocks of {block}")
   if compare_hf:
     hf, params = hf_model(s)
-    hft = HFTrainer(hf, steps)
+    hft = HFTrainer(hf, steps, cfg.dtype)
   else:
     import jax
     from medjax import model as model_lib
@@ -45,7 +45,7 @@ def bench_train(s: dict, steps: int, compare_hf: bool, warmup: int = 1, log=prin
        "flops_per_token": cfg.flops_per_token(s["seq"]), "mj_t": [], "hf_t": [],
        "mj_switch": [], "hf_switch": [], "mj_loss": [0.0] * steps,
        "hf_loss": [0.0] * steps if hft else [], "mj_warmup_s": 0.0, "hf_warmup_s": 0.0}
-  peak = MatmulPeak(torch=compare_hf)
+  peak = MatmulPeak.for_backend(torch=compare_hf)
   lib = {"mj": "xla", "hf": "torch"}
   every = max(steps // 10, 1)
   for n, start in enumerate(range(0, steps, block)):
@@ -76,8 +76,8 @@ def train_lines(s: dict, r: dict) -> list[str]:
   lines = [f"shape {s['name']}: {cfg.num_params() / 1e6:.2f}M params (hidden "
            f"{cfg.hidden_size}, mlp {cfg.intermediate_size}, {cfg.num_hidden_layers} layers, "
            f"{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}), batch {s['batch']} x "
-           f"seq {s['seq']}, f32, {cfg.attention} attention",
-           r["peak"].describe() + "; MFU below is against the medians"]
+           f"seq {s['seq']}, {cfg.dtype} activations (f32 weights and AdamW), "
+           f"{cfg.attention} attention", r["peak"].describe() + "; MFU below is against the medians"]
   out = {}
   for name, label, peak in (("mj", "medjax", peaks["xla"]),
                             ("hf", "transformers", peaks.get("torch", peaks["xla"]))):
@@ -92,6 +92,8 @@ def train_lines(s: dict, r: dict) -> list[str]:
     lines.append(f"{label:>12}: step {st * 1e3:8.1f} ms (median of {len(r[f'{name}_t'])}), "
                  f"{tps:9.0f} tokens/s, {fmt_rate(fl)} = {fl / peaks['xla']:.1%} of XLA peak"
                  + (f", {fl / peak:.1%} of torch peak" if name == "hf" else "")
+                 + (f", {fl / r['peak'].datasheet:.1%} of the datasheet's "
+                    f"{fmt_rate(r['peak'].datasheet)}" if r["peak"].datasheet else "")
                  + f"; warm-up excluded: {extra}")
   if r.get("mj_switch"):
     lines.append(f"first step of each block of {r['block']} (the other library ran just "

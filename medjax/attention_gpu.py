@@ -1,0 +1,76 @@
+"""cuDNN flash attention on GPU, through `jax.nn.dot_product_attention`.
+
+cuDNN's fused kernel masks causally and by per-row lengths (padding) in the kernel, but has
+no segment ids: a packed row's documents would see each other. So each call looks at the
+segment ids at run time and takes one of three branches (`lax.switch`, one small
+device-to-host read per layer on GPU):
+  0. every row is one document filling the row: cuDNN, causal;
+  1. every row is one document from slot 0, then padding (id 0): cuDNN, causal with the
+     rows' lengths. Padding slots' outputs are zeros there (the reference lets padding attend
+     to padding); no real token sees them, and losses mask them;
+  2. anything else (packed documents): `medjax.attention.flash_attention`, exact per segment.
+The kernel needs bf16 or fp16 operands and a head dim of at most 128 (256 on Hopper).
+Off GPU the same branches run jax's XLA implementation, so CPU tests check the dispatch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from medjax import attention, sharding
+
+HALF = (jnp.bfloat16, jnp.float16)
+
+
+def is_gpu_target() -> bool:
+  return sharding.target_platform() in ("gpu", "cuda", "rocm")
+
+
+def wanted(mode: str, dtype, head_dim: int, on_gpu: bool | None = None) -> bool:
+  """Whether a full (uncached) pass uses this path: `cudnn` always (it fails loudly on
+  f32), `auto` when compiling for GPU with half-precision activations."""
+  if mode == "cudnn":
+    return True
+  gpu = is_gpu_target() if on_gpu is None else on_gpu
+  return mode == "auto" and gpu and jnp.dtype(dtype) in HALF and head_dim <= 128
+
+
+def row_layout(segment_ids):
+  """[B,T] ids -> (branch 0/1/2 as in the module docstring, [B] lengths of real tokens)."""
+  t = segment_ids.shape[1]
+  lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
+  inside = jnp.arange(t)[None, :] < lengths[:, None]
+  one_doc = jnp.all(jnp.where(inside, segment_ids == segment_ids[:, :1], segment_ids == 0))
+  one_doc &= jnp.all(lengths > 0)
+  full = one_doc & jnp.all(lengths == t)
+  return jnp.where(full, 0, jnp.where(one_doc, 1, 2)), lengths
+
+
+def cudnn_attention(q, k, v, segment_ids, scale: float, on_gpu: bool | None = None):
+  """Causal self-attention within segments. q [B,T,N,H], k/v [B,T,K,H] (GQA: N a multiple
+  of K), segment_ids [B,T] -> [B,T,N,H]; matches `flash_attention` on every real token."""
+  gpu = is_gpu_target() if on_gpu is None else on_gpu
+  if gpu and jnp.dtype(q.dtype) not in HALF:
+    from medjax.errors import ConfigError
+    raise ConfigError(f"attention='cudnn' needs dtype bfloat16 or float16 activations, got "
+                      f"{jnp.dtype(q.dtype).name}; set dtype='bfloat16' or attention='einsum'")
+  impl = "cudnn" if gpu else "xla"
+  segment_ids = segment_ids.astype(jnp.int32)
+  branch, lengths = row_layout(segment_ids)
+
+  def causal(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        implementation=impl)
+
+  def padded(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                       query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, implementation=impl)
+    real = jnp.arange(q.shape[1])[None, :, None, None] < lengths[:, None, None, None]
+    return jnp.where(real, out, jnp.zeros((), out.dtype))  # the same zeros on every backend
+
+  def packed(q, k, v):
+    return attention.flash_attention(q, k, v, segment_ids, scale)
+
+  return jax.lax.switch(branch, (causal, padded, packed), q, k, v)
