@@ -6,6 +6,8 @@
 #   scripts/gpu_bench.sh            # from the repo root, on a machine with one NVIDIA GPU
 #
 # Wheels in .whl/ (packages the machine lacks, e.g. ml-collections) are installed first.
+# Env: BATCH (rows of 4096 tokens, default 1), LAYERS (default by GPU memory), SKIP_ATTENTION=1,
+# GEMM=xla to keep XLA's own choice of GEMM kernels (default: cuBLAS, if this XLA has the flag).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_bench}
 mkdir -p "$OUT"
@@ -16,6 +18,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch shares the GPU
+if [[ ${GEMM:-cublas} == cublas ]]; then
+  flag=--xla_gpu_enable_triton_gemm=false  # MaxText's GPU setting; XLA aborts on unknown flags
+  if XLA_FLAGS="${XLA_FLAGS:-} $flag" python3 -c "import jax; jax.numpy.ones(2).block_until_ready()"
+  then export XLA_FLAGS="${XLA_FLAGS:-} $flag"; fi
+fi
+echo "XLA_FLAGS=${XLA_FLAGS:-}"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv
 python3 -c "import jax, flax, optax, torch, transformers as t
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
@@ -25,8 +33,10 @@ mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -
 # its activations at 4096 tokens: 8 layers fit both on a 141 GB H200, 4 on an 80 GB H100.
 layers=${LAYERS:-$([[ ${mem:-0} -gt 100000 ]] && echo 8 || echo 4)}
 res=(--results "$OUT/RESULTS.md")
-timeout "${ATTN_TIMEOUT:-170}" python3 -m medjax.cli bench attention --reps 10 "${res[@]}" \
-  2>&1 | tee "$OUT/attention.log"
+if [[ -z ${SKIP_ATTENTION:-} ]]; then
+  timeout "${ATTN_TIMEOUT:-170}" python3 -m medjax.cli bench attention --reps 10 "${res[@]}" \
+    2>&1 | tee "$OUT/attention.log"
+fi
 timeout "${TRAIN_TIMEOUT:-330}" python3 -m medjax.cli bench train --shape 7b \
-  --layers "$layers" --compare-hf --steps "${STEPS:-12}" --block 3 "${res[@]}" \
-  2>&1 | tee "$OUT/train.log"
+  --layers "$layers" --batch "${BATCH:-1}" --compare-hf --steps "${STEPS:-12}" --block 3 \
+  "${res[@]}" --note "${NOTE:-}" 2>&1 | tee -a "$OUT/train.log"
