@@ -16,9 +16,11 @@ SHAPES = {
                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
                 batch=4, seq=512, data="random"),
     # Llama-2-7B width for GPUs; pass --layers to fit both sides in one device's memory.
+    # lr 3e-4: at the small shapes' 3e-3 both libraries' losses blew up (11 -> 14-17) in the
+    # first steps, which made the loss check meaningless (measured on an H200).
     "7b": dict(model=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-               batch=1, seq=4096, data="random"),
+               batch=1, seq=4096, data="random", lr=3e-4),
 }
 # AdamW as the tiny CPT config trains (configs/tiny_cpt.py): warmup + cosine to 10%.
 OPTIM = dict(lr=3e-3, warmup_frac=0.1, final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -117,9 +119,9 @@ def train_batches(s: dict, n: int, seed: int = 0) -> list[dict]:
   return out
 
 
-def optim_config(total_steps: int):
+def optim_config(total_steps: int, lr: float | None = None):
   import ml_collections
-  o = dict(OPTIM)
+  o = dict(OPTIM, lr=lr or OPTIM["lr"])
   o["warmup_steps"] = int(o.pop("warmup_frac") * total_steps)
   return ml_collections.ConfigDict(dict(o, total_steps=total_steps))
 
@@ -127,12 +129,12 @@ def optim_config(total_steps: int):
 class MedjaxTrainer:
   """The `medjax train` step: sharded state on a 1-device mesh, jitted, state donated."""
 
-  def __init__(self, cfg, params, steps: int):
+  def __init__(self, cfg, params, steps: int, lr: float | None = None):
     import jax
     from medjax import sharding, train_step as ts
     self.cfg = cfg
     pshape = jax.eval_shape(lambda: params)
-    self.opt, self.sched = ts.make_optimizer(optim_config(steps), cfg, pshape)
+    self.opt, self.sched = ts.make_optimizer(optim_config(steps, lr), cfg, pshape)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     self.state, shardings = sharding.shard_params_state(params, cfg, self.opt, mesh)
     self.step_fn = sharding.jit_train_step(cfg, self.opt, self.sched, mesh, shardings)
@@ -160,7 +162,7 @@ class HFTrainer:
   f32 weights when `dtype` is bfloat16, as medjax's f32 weights with bf16 activations.
   """
 
-  def __init__(self, model, steps: int, dtype: str = "float32"):
+  def __init__(self, model, steps: int, dtype: str = "float32", lr: float | None = None):
     import contextlib
     import torch
     from medjax import train_step as ts
@@ -169,7 +171,7 @@ class HFTrainer:
     cuda = self.device.type == "cuda"
     self.autocast = (torch.autocast("cuda", dtype=getattr(torch, dtype))
                      if cuda and dtype != "float32" else contextlib.nullcontext())
-    o = optim_config(steps)
+    o = optim_config(steps, lr)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     self.opt = torch.optim.AdamW(

@@ -34,12 +34,12 @@ def bench_train(s: dict, steps: int, compare_hf: bool, warmup: int = 1, log=prin
       f"({warmup} warm-up), blocks of {block}")
   if compare_hf:
     hf, params = hf_model(s)
-    hft = HFTrainer(hf, steps, cfg.dtype)
+    hft = HFTrainer(hf, steps, cfg.dtype, s.get("lr"))
   else:
     import jax
     from medjax import model as model_lib
     params, hft = model_lib.init_params(cfg, jax.random.PRNGKey(0)), None
-  mj = MedjaxTrainer(cfg, params, steps)
+  mj = MedjaxTrainer(cfg, params, steps, s.get("lr"))
   del params
   r = {"compile_s": mj.compile(batches[0]), "tokens_per_step": tokens, "block": block,
        "flops_per_token": cfg.flops_per_token(s["seq"]), "mj_t": [], "hf_t": [],
