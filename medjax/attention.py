@@ -183,11 +183,16 @@ def flash_attention(q, k, v, segment_ids, scale: float, on_cpu: bool | None = No
   if on_cpu is None:
     on_cpu = sharding.target_platform() == "cpu"
   start = segment_starts(segment_ids.astype(jnp.int32))
-  local = functools.partial(_local, scale=scale, on_cpu=on_cpu)
+  return per_device(functools.partial(_local, scale=scale, on_cpu=on_cpu), q, k, v, start)
+
+
+def per_device(local, q, k, v, rows):
+  """local(q, k, v, rows) on each device's rows and heads of the active mesh (split as
+  `local_specs` says, no communication); q [B,T,N,H], k/v [B,T,K,H], rows [B,T]."""
   ctx = sharding.current()
   if ctx is None or ctx[0].size == 1:
-    return local(q, k, v, start)
+    return local(q, k, v, rows)
   mesh, rules = ctx
   row, qh, kh = local_specs(mesh, rules, q.shape[0], q.shape[2], k.shape[2])
   qs, ks = P(row, None, qh, None), P(row, None, kh, None)
-  return shard_map(local, mesh, (qs, ks, ks, P(row, None)), qs)(q, k, v, start)
+  return shard_map(local, mesh, (qs, ks, ks, P(row, None)), qs)(q, k, v, rows)

@@ -8,12 +8,18 @@ device-to-host read per layer on GPU):
   1. every row is one document from slot 0, then padding (id 0): cuDNN, causal with the
      rows' lengths. Padding slots' outputs are zeros there (the reference lets padding attend
      to padding); no real token sees them, and losses mask them;
-  2. anything else (packed documents): `medjax.attention.flash_attention`, exact per segment.
-The kernel needs bf16 or fp16 operands and a head dim of at most 128 (256 on Hopper).
+  2. anything else (packed documents): the Pallas Triton flash kernel that ships with jax
+     (`pallas_attention`, segment ids in the kernel) on GPU for lengths that are a multiple
+     of 128, else `medjax.attention.flash_attention` (XLA).
+On an H200 at Llama-2-7B's attention shape (4096 tokens, 32 heads of 128, bf16), fwd+bwd:
+cuDNN 1.7-1.8 ms, Pallas Triton 4.2-4.4 ms, XLA flash 5.4-5.5 ms (`medjax bench attention`).
+The cuDNN kernel needs bf16 or fp16 operands and a head dim of at most 128 (256 on Hopper).
 Off GPU the same branches run jax's XLA implementation, so CPU tests check the dispatch.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +77,24 @@ def cudnn_attention(q, k, v, segment_ids, scale: float, on_gpu: bool | None = No
     return jnp.where(real, out, jnp.zeros((), out.dtype))  # the same zeros on every backend
 
   def packed(q, k, v):
+    if gpu and q.shape[1] % 128 == 0:
+      return pallas_attention(q, k, v, segment_ids, scale)
     return attention.flash_attention(q, k, v, segment_ids, scale)
 
   return jax.lax.switch(branch, (causal, padded, packed), q, k, v)
+
+
+def _pallas_local(q, k, v, segment_ids, scale, interpret):
+  from jax.experimental.pallas.ops.gpu import attention as pa
+  g = q.shape[2] // k.shape[2]
+  if g > 1:  # the kernel wants as many kv heads as q heads; q head n reads kv head n // g
+    k, v = (jnp.repeat(x, g, axis=2) for x in (k, v))
+  return pa.mha(q, k, v, segment_ids, sm_scale=scale, causal=True, interpret=interpret)
+
+
+def pallas_attention(q, k, v, segment_ids, scale: float, interpret: bool = False):
+  """Causal attention among equal segment ids (as the einsum reference), with the Pallas
+  Triton kernel (`jax.experimental.pallas.ops.gpu.attention.mha`, forward and backward).
+  q [B,T,N,H], k/v [B,T,K,H], T a multiple of 128; `interpret` runs it on CPU (tests)."""
+  local = functools.partial(_pallas_local, scale=scale, interpret=interpret)
+  return attention.per_device(local, q, k, v, segment_ids.astype(jnp.int32))

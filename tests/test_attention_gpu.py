@@ -95,3 +95,25 @@ def test_packed_branch_is_flash(monkeypatch):
   q = jnp.ones((2, T, 2, 8), jnp.float32)
   attention_gpu.cudnn_attention(q, q, q, _ids("packed"), 1.0, on_gpu=False)
   assert calls == [1]  # traced once inside the switch
+
+
+def test_pallas_kernel_matches_reference_interpreted():
+  # The packed branch's GPU kernel, run by the Pallas interpreter on CPU: GQA, packed
+  # documents, padding (id 0 attends among itself, as the reference).
+  r = np.random.default_rng(2)
+  b, t, n, k, h = 2, 128, 4, 2, 16
+  q, kk, v = (jnp.asarray(r.standard_normal((b, t, m, h)), jnp.float32) for m in (n, k, k))
+  seg = np.repeat(np.arange(1, 5, dtype=np.int32), 32)[None].repeat(b, 0)
+  seg[1, 100:] = 0
+  seg = jnp.asarray(seg)
+  slots = jnp.broadcast_to(jnp.arange(t), seg.shape)
+  mask = model.attention_mask(slots, slots, seg, seg)
+  w = jnp.asarray(r.standard_normal(q.shape), jnp.float32)
+  ref = lambda q, k, v: jnp.sum(model.einsum_attention(q, k, v, mask, 0.25) * w)
+  got = lambda q, k, v: jnp.sum(
+      attention_gpu.pallas_attention(q, k, v, seg, 0.25, interpret=True) * w)
+  np.testing.assert_allclose(
+      attention_gpu.pallas_attention(q, kk, v, seg, 0.25, interpret=True),
+      model.einsum_attention(q, kk, v, mask, 0.25), atol=2e-5)
+  for a, e in zip(jax.grad(got, (0, 1, 2))(q, kk, v), jax.grad(ref, (0, 1, 2))(q, kk, v)):
+    assert float(jnp.abs(a - e).max()) <= 1e-4 * max(float(jnp.abs(e).max()), 1.0)

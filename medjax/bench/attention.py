@@ -1,7 +1,7 @@
 """`bench attention`: forward + backward of each attention implementation at one shape.
 
 Two row layouts: one document per row (cuDNN's causal kernel applies) and packed rows of
-four documents (cuDNN has no segment ids; medjax's `cudnn` mode then runs its XLA flash).
+four documents (cuDNN has no segment ids; medjax's `cudnn` mode then runs the Pallas kernel).
 Each implementation's output is compared with the f32 einsum reference on the same inputs
 (relative error of the whole tensor); its fwd+bwd time is the median of `reps` calls.
 """
@@ -31,13 +31,7 @@ def _impls(on_gpu: bool):
   if on_gpu:
     impls["cuDNN, causal only (no segments)"] = lambda q, k, v, seg, s: \
         jax.nn.dot_product_attention(q, k, v, scale=s, is_causal=True, implementation="cudnn")
-
-    def pallas(q, k, v, seg, s):
-      from jax.experimental.pallas.ops.gpu import attention as pa
-      g = q.shape[2] // k.shape[2]
-      k, v = (x if g == 1 else x.repeat(g, axis=2) for x in (k, v))
-      return pa.mha(q, k, v, seg, sm_scale=s, causal=True)
-    impls["Pallas Triton mha (segment ids)"] = pallas
+    impls["Pallas Triton mha (segment ids)"] = attention_gpu.pallas_attention
   return impls
 
 
