@@ -82,3 +82,26 @@ def test_fit_quick():
   cells = [c.strip() for c in row[0].strip("|").split("|")]
   assert cells[7] == "yes" and cells[4].endswith("GiB") and float(cells[4].split()[0]) > 0
   assert re.fullmatch(r"\d+ s / \d+ s", cells[8]), cells
+
+
+def test_attention(capsys):
+  # On CPU: the reference, medjax's flash and the cudnn mode (its XLA stand-in), each layout.
+  out = _bench(capsys, "attention", "--seq-len", "128", "--heads", "4", "--kv-heads", "2",
+               "--head-dim", "16", "--reps", "2", "--no-record")
+  rows = [ln for ln in out.splitlines() if " ms " in ln and not ln.startswith("measured")]
+  assert len(rows) == 6 and "failed" not in out, out
+  for ln in rows:  # bf16 against the f32 reference: ~4e-3; a wrong mask is O(1)
+    assert float(ln.rsplit(" ", 1)[1]) < 1.5e-2, ln
+
+
+def test_gpu_shape_on_cpu():
+  import argparse
+  from medjax.bench import models
+  args = argparse.Namespace(width=None, layers=2, attention=None, dtype=None, batch=None,
+                            seq_len=None)
+  s = models.make_shape("7b", args)
+  assert (s["cfg"].hidden_size, s["cfg"].intermediate_size, s["cfg"].num_hidden_layers) == \
+      (4096, 11008, 2)
+  assert (s["batch"], s["seq"], s["cfg"].dtype, s["cfg"].attention) == \
+      (1, 4096, "float32", "einsum")  # CPU defaults; bf16 and auto attention off CPU
+  assert models.optim_config(10, s["lr"]).lr == 3e-4 and models.optim_config(10).lr == 3e-3

@@ -19,14 +19,6 @@ def median_of(xs):
   return statistics.median(xs) if xs else float("nan")
 
 
-# Dense bf16 matmul FLOP/s from the vendor's datasheet, by device kind (SXM parts).
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def datasheet_peak(device_kind: str) -> float | None:
-  return next((v for k, v in DATASHEET_BF16.items() if k in device_kind), None)
-
-
 class MatmulPeak:
   """n x n matmul FLOP/s of XLA and PyTorch, sampled between benchmark steps.
 
@@ -53,8 +45,10 @@ class MatmulPeak:
       out.block_until_ready()
     self.fns = {"xla": xla}
     self.datasheet = None
-    if jax.default_backend() != "cpu":
-      self.datasheet = datasheet_peak(jax.devices()[0].device_kind)
+    if jax.default_backend() != "cpu":  # the training metrics' table of vendor figures
+      from medjax.metrics import PEAK_FLOPS
+      kind = jax.devices()[0].device_kind
+      self.datasheet = next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
     if torch:
       try:
         import torch as th
@@ -127,6 +121,10 @@ def device_info() -> str:
 
 
 def commit() -> str:
+  """git's short HEAD, or $MEDJAX_COMMIT when set (a copy of the tree sent to another
+  machine may carry a stale .git or none)."""
+  if os.environ.get("MEDJAX_COMMIT"):
+    return os.environ["MEDJAX_COMMIT"]
   root = Path(__file__).resolve().parents[2]
   try:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
@@ -135,9 +133,7 @@ def commit() -> str:
                            text=True, capture_output=True, timeout=10).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     sha, dirty = "", ""
-  if not sha:  # a copy without .git (e.g. shipped to a GPU machine) may name its commit
-    return os.environ.get("MEDJAX_COMMIT", "unknown")
-  return sha + (" (uncommitted changes)" if dirty else "")
+  return (sha or "unknown") + (" (uncommitted changes)" if dirty else "")
 
 
 def record(args, title: str, lines: list[str]) -> None:
