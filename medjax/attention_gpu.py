@@ -2,8 +2,8 @@
 
 cuDNN's fused kernel masks causally and by per-row lengths (padding) in the kernel, but has
 no segment ids: a packed row's documents would see each other. So each call looks at the
-segment ids at run time and takes one of three branches (`lax.switch`, one small
-device-to-host read per layer on GPU):
+segment ids at run time and takes one of three branches (`lax.switch` on a flag computed
+from the ids on device):
   0. every row is one document filling the row: cuDNN, causal;
   1. every row is one document from slot 0, then padding (id 0): cuDNN, causal with the
      rows' lengths. Padding slots' outputs are zeros there (the reference lets padding attend
@@ -12,7 +12,8 @@ device-to-host read per layer on GPU):
      (`pallas_attention`, segment ids in the kernel) on GPU for lengths that are a multiple
      of 128, else `medjax.attention.flash_attention` (XLA).
 On an H200 at Llama-2-7B's attention shape (4096 tokens, 32 heads of 128, bf16), fwd+bwd:
-cuDNN 1.7-1.8 ms, Pallas Triton 4.2-4.4 ms, XLA flash 5.4-5.5 ms (`medjax bench attention`).
+cuDNN 1.4-1.8 ms, Pallas Triton 4.0-4.4 ms, XLA flash 5.1-5.6 ms (`medjax bench attention`,
+two runs).
 The cuDNN kernel needs bf16 or fp16 operands and a head dim of at most 128 (256 on Hopper).
 Off GPU the same branches run jax's XLA implementation, so CPU tests check the dispatch.
 """

@@ -51,8 +51,8 @@ class LlamaConfig:
   # a KV cache) | dot_product (jax.nn.dot_product_attention with a dense mask, XLA's) |
   # cudnn (cuDNN flash on GPU for rows of one document, medjax.attention_gpu) |
   # splash (Pallas TPU kernel, medjax.attention_tpu) | auto (splash when compiling for TPU,
-  # cudnn for GPU with bf16/fp16 activations, else einsum). All fall back to einsum for
-  # KV-cache decoding; splash also for lengths that are not a multiple of 128.
+  # cudnn for GPU with bf16/fp16 activations, else einsum). cudnn/splash/auto use einsum
+  # for KV-cache decoding; splash also for lengths that are not a multiple of 128.
   attention: str = "einsum"
   lora_rank: int = 0
   lora_alpha: float = 16.0
