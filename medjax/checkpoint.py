@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp

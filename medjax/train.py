@@ -7,14 +7,10 @@ loop. Rerunning the same command resumes from the newest good checkpoint in the 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
-import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from medjax import checkpoint as ckpt_lib
