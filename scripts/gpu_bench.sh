@@ -30,7 +30,8 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
       'torch', torch.__version__, 'transformers', t.__version__, jax.devices())"
 mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 # Each side holds f32 weights + grads + AdamW (16 B/param, ~3.2 GB per 7B-width layer) and
-# its activations at 4096 tokens: 8 layers fit both on a 141 GB H200, 4 on an 80 GB H100.
+# its activations at 4096 tokens: 8 layers fit both on a 141 GB H200 (measured), 4 should on
+# an 80 GB H100 (estimated, not tried).
 layers=${LAYERS:-$([[ ${mem:-0} -gt 100000 ]] && echo 8 || echo 4)}
 res=(--results "$OUT/RESULTS.md")
 if [[ -z ${SKIP_ATTENTION:-} ]]; then
