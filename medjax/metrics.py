@@ -40,10 +40,15 @@ def device_peak_flops() -> tuple[float, str]:
     # Fake CPU devices share the same cores: the host's measured peak is the total.
     return measure_cpu_peak(), "measured f32 matmul"
   kind = getattr(d, "device_kind", "")
-  for name, peak in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return peak * jax.device_count(), f"{kind} spec"
+  peak = datasheet_peak(kind)
+  if peak is not None:
+    return peak * jax.device_count(), f"{kind} spec"
   return float("nan"), f"unknown device kind {kind!r}"
+
+
+def datasheet_peak(device_kind: str) -> float | None:
+  """One chip's `PEAK_FLOPS` entry for a jax `device_kind`, or None if unlisted."""
+  return next((v for k, v in PEAK_FLOPS.items() if device_kind.startswith(k)), None)
 
 
 class Logger:

@@ -46,9 +46,8 @@ class MatmulPeak:
     self.fns = {"xla": xla}
     self.datasheet = None
     if jax.default_backend() != "cpu":  # the training metrics' table of vendor figures
-      from medjax.metrics import PEAK_FLOPS
-      kind = jax.devices()[0].device_kind
-      self.datasheet = next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+      from medjax.metrics import datasheet_peak
+      self.datasheet = datasheet_peak(jax.devices()[0].device_kind)
     if torch:
       try:
         import torch as th
