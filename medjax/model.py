@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from medjax import attention, attention_gpu, attention_tpu
-from medjax.config import LlamaConfig
 from medjax import sharding as sharding_lib
+from medjax.config import LlamaConfig
 from medjax.sharding import constrain
 
 Array = jax.Array
@@ -140,6 +140,29 @@ def einsum_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) ->
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+def reference_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float) -> Array:
+  """`einsum_attention` with the causal, same-segment mask of a full pass: the reference
+  every fused implementation is checked against. segment_ids [B,T]."""
+  slots = jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape)
+  return einsum_attention(q, k, v, attention_mask(slots, slots, segment_ids, segment_ids), scale)
+
+
+def attend(c: LlamaConfig, q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+  """The attention `c.attention` selects. q [B,T,N,H], k/v [B,S,K,H]; mask is the [B,T]
+  segment ids of a full pass (the fused kernels mask causally themselves) or a [B,1,T,S]
+  bool mask (decoding over a KV cache, or the dot_product mode)."""
+  if mask.ndim == 2 and attention_tpu.wanted(c.attention, q.shape[1]):
+    return attention_tpu.splash_attention(q, k, v, mask, scale,
+                                          interpret=not attention_tpu.is_tpu_target())
+  if mask.ndim == 2 and attention_gpu.wanted(c.attention, q.dtype, q.shape[-1]):
+    return attention_gpu.cudnn_attention(q, k, v, mask, scale)
+  if mask.ndim == 2:  # segment ids: a full pass, flash-style in XLA
+    return attention.flash_attention(q, k, v, mask, scale)
+  if c.attention == "dot_product":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+  return einsum_attention(q, k, v, mask, scale)
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
 
@@ -165,18 +188,7 @@ class Attention(nn.Module):
           c, jnp.swapaxes(x, 1, 2).astype(c.dtype), cache_index, axis=2)
       new_cache = {"k": put(cache["k"], kk), "v": put(cache["v"], v)}
       kk, v = (jnp.swapaxes(new_cache[n], 1, 2).astype(q.dtype) for n in ("k", "v"))
-    scale = h ** -0.5
-    if mask.ndim == 2 and attention_tpu.wanted(c.attention, q.shape[1]):
-      out = attention_tpu.splash_attention(q, kk, v, mask, scale,
-                                           interpret=not attention_tpu.is_tpu_target())
-    elif mask.ndim == 2 and attention_gpu.wanted(c.attention, q.dtype, h):
-      out = attention_gpu.cudnn_attention(q, kk, v, mask, scale)
-    elif mask.ndim == 2:  # segment ids: a full pass, flash-style in XLA
-      out = attention.flash_attention(q, kk, v, mask, scale)
-    elif c.attention == "dot_product":
-      out = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=scale)
-    else:
-      out = einsum_attention(q, kk, v, mask, scale)
+    out = attend(c, q, kk, v, mask, h ** -0.5)
     out = Proj(c, "BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), 2, "o" in t,
                name="o")(out)
     return out, new_cache

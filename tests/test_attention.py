@@ -19,9 +19,7 @@ def _case(b, t, n, k, h, dtype, seed=0):
   return q, kk, v, jnp.asarray(seg, jnp.int32)
 
 
-def _reference(q, k, v, seg, scale):
-  slots = jnp.broadcast_to(jnp.arange(q.shape[1]), seg.shape)
-  return model.einsum_attention(q, k, v, model.attention_mask(slots, slots, seg, seg), scale)
+_reference = model.reference_attention
 
 
 @pytest.mark.parametrize("b,t,n,k,h,on_cpu,chunk_bytes", [

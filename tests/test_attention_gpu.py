@@ -44,11 +44,9 @@ def test_cudnn_mode_matches_reference_on_real_tokens(kind):
   q, kk, v = (jnp.asarray(r.standard_normal((b, T, m, h)), jnp.float32) for m in (n, k, k))
   seg = _ids(kind)
   scale = h ** -0.5
-  slots = jnp.broadcast_to(jnp.arange(T), seg.shape)
-  mask = model.attention_mask(slots, slots, seg, seg)
   real = np.asarray(seg != 0)[:, :, None, None]
   w = jnp.asarray(r.standard_normal(q.shape), jnp.float32) * real  # loss on real tokens
-  ref = lambda q, k, v: model.einsum_attention(q, k, v, mask, scale)
+  ref = lambda q, k, v: model.reference_attention(q, k, v, seg, scale)
   got = jax.jit(lambda q, k, v: attention_gpu.cudnn_attention(q, k, v, seg, scale,
                                                               on_gpu=False))
   out, want = got(q, kk, v), ref(q, kk, v)
@@ -106,14 +104,12 @@ def test_pallas_kernel_matches_reference_interpreted():
   seg = np.repeat(np.arange(1, 5, dtype=np.int32), 32)[None].repeat(b, 0)
   seg[1, 100:] = 0
   seg = jnp.asarray(seg)
-  slots = jnp.broadcast_to(jnp.arange(t), seg.shape)
-  mask = model.attention_mask(slots, slots, seg, seg)
   w = jnp.asarray(r.standard_normal(q.shape), jnp.float32)
-  ref = lambda q, k, v: jnp.sum(model.einsum_attention(q, k, v, mask, 0.25) * w)
+  ref = lambda q, k, v: jnp.sum(model.reference_attention(q, k, v, seg, 0.25) * w)
   got = lambda q, k, v: jnp.sum(
       attention_gpu.pallas_attention(q, k, v, seg, 0.25, interpret=True) * w)
   np.testing.assert_allclose(
       attention_gpu.pallas_attention(q, kk, v, seg, 0.25, interpret=True),
-      model.einsum_attention(q, kk, v, mask, 0.25), atol=2e-5)
+      model.reference_attention(q, kk, v, seg, 0.25), atol=2e-5)
   for a, e in zip(jax.grad(got, (0, 1, 2))(q, kk, v), jax.grad(ref, (0, 1, 2))(q, kk, v)):
     assert float(jnp.abs(a - e).max()) <= 1e-4 * max(float(jnp.abs(e).max()), 1.0)

@@ -15,15 +15,10 @@ from medjax.bench.common import fmt_rate, median_of
 
 def _impls(on_gpu: bool):
   import jax
-  import jax.numpy as jnp
   from medjax import attention, attention_gpu, model
 
-  def reference(q, k, v, seg, scale):
-    slots = jnp.broadcast_to(jnp.arange(q.shape[1]), seg.shape)
-    return model.einsum_attention(q, k, v, model.attention_mask(slots, slots, seg, seg), scale)
-
   impls = {
-      "einsum reference (XLA)": reference,
+      "einsum reference (XLA)": model.reference_attention,
       "medjax flash (XLA)": lambda q, k, v, seg, s: attention.flash_attention(q, k, v, seg, s),
       "medjax cudnn mode": lambda q, k, v, seg, s: attention_gpu.cudnn_attention(
           q, k, v, seg, s, on_gpu=on_gpu),
