@@ -75,7 +75,7 @@ def test_scanned_layers_decode_the_same(tiny):
 
 def test_argmax_takes_the_first_of_ties():
   x = jnp.array([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -3.0, -0.5]])
-  assert gen._argmax(x).tolist() == [1, 0, 3] == jnp.argmax(x, axis=-1).tolist()
+  assert gen.argmax(x).tolist() == [1, 0, 3] == jnp.argmax(x, axis=-1).tolist()
 
 
 def _hf_greedy(hf, prompt, n, eos):
