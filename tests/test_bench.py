@@ -28,7 +28,7 @@ def test_train_compare_hf_records(capsys, tmp_path):
   pytest.importorskip("transformers")
   results = tmp_path / "RESULTS.md"
   out = _bench(capsys, "train", "--shape", "tiny", "--compare-hf", "--steps", "5",
-               "--block", "2", "--results", str(results))
+               "--block", "2", "--breakdown", "--results", str(results))
   assert "tokens/s" in out and "GFLOP/s" in out and "of XLA peak" in out
   # Blocks [0,1] [2,3] [4]: step 0 is warm-up, 2 and 4 open a block and are timed apart.
   assert "(median of 2)" in out and "first step of each block of 2" in out
@@ -40,6 +40,13 @@ def test_train_compare_hf_records(capsys, tmp_path):
   text = results.read_text()
   for key in ("## train --shape tiny", "- device:", "- commit:", "- command:", "- date:"):
     assert key in text
+  # --breakdown: each part timed alone, in ms, with what the step would be without it.
+  assert "where medjax's step goes" in out
+  parts = re.findall(r"^  (.+?): (-?[\d.]+) ms \(.*without it would be ([\d.]+)x", out, re.M)
+  assert [p[0].split(",")[0] for p in parts] == [
+      "embedding", "attention", "the layers' other work (projections", "optimizer update and "
+      "the rest of the step (the step less the gradient)"]
+  assert float(parts[0][1]) > 0 and float(parts[1][1]) > 0
 
 
 def test_generate_compare_hf(capsys):
@@ -48,6 +55,36 @@ def test_generate_compare_hf(capsys):
                "--reps", "1", "--no-record")
   assert "new tokens/s" in out and "ratio medjax / transformers tokens/s:" in out
   assert "same greedy ids as transformers: 100% of rows" in out
+  floor = re.search(r"weight floor: .* takes ([\d.]+) ms = ([\d.]+) GB/s", out)
+  assert floor and float(floor.group(1)) > 0
+  assert re.search(r"a decode step at the floor would be [\d.]+x transformers", out)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_weight_floor_reads_every_matmul_weight(scan):
+  """The floor's weights are exactly the model's matmul weights (no norms, no embedding
+  unless tied), as [in, out] matrices, in both layer layouts; its loop runs."""
+  import jax
+  import numpy as np
+  from medjax import config, model
+  from medjax.bench.generate import WeightFloor, _layer_weights
+  cfg = config.PRESETS["tiny"].replace(scan_layers=scan)  # GQA: k/v narrower than q
+  params = model.init_params(cfg, jax.random.PRNGKey(0))
+  layers = _layer_weights(cfg, params)
+  d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.hd
+  assert len(layers) == cfg.num_hidden_layers
+  assert {n: w.shape for n, w in layers[1].items()} == {
+      "q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "gate": (d, f), "up": (d, f),
+      "down": (f, d)}
+  want = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if "norm" not in jax.tree_util.keystr(path)
+             and "embedding" not in jax.tree_util.keystr(path))
+  floor = WeightFloor(cfg, params, batch=2, steps=3)
+  assert floor.bytes == want
+  floor.run()
+  assert floor.read() > 0
+  w = params["layers"]["attn"]["q"]["w"][1] if scan else params["layers_1"]["attn"]["q"]["w"]
+  np.testing.assert_array_equal(layers[1]["q"], np.asarray(w).reshape(d, -1))
 
 
 def test_data(capsys):

@@ -35,7 +35,7 @@ from medjax.bench.generate import bench_generate, generate_lines
 from medjax.bench.hf_import import IMPORT_SHAPES, bench_import, import_lines
 from medjax.bench.models import SHAPES, make_shape
 from medjax.bench.scaling import bench_scaling, scaling_lines
-from medjax.bench.train import bench_train, train_lines
+from medjax.bench.train import bench_breakdown, bench_train, breakdown_lines, train_lines
 from medjax.config import ATTENTION
 
 
@@ -65,6 +65,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   t.add_argument("--block", type=int, default=None,
                  help="steps per side before switching (default 5 from 20 steps, else 1)")
   t.add_argument("--compare-hf", action="store_true")
+  t.add_argument("--breakdown", action="store_true",
+                 help="also time the model's parts alone: head and loss, attention, the rest")
 
   g = sub.add_parser("generate", help="greedy decoding: medjax vs transformers' generate")
   common(g)
@@ -121,7 +123,11 @@ def run(args: argparse.Namespace) -> int:
     s = dict(make_shape(args.shape, args), name=args.shape)
   if cmd == "train":
     r = bench_train(s, args.steps, args.compare_hf, args.warmup, block=args.block)
-    record(args, f"train --shape {args.shape}", train_lines(s, r))
+    lines = train_lines(s, r)
+    if args.breakdown:
+      bd = bench_breakdown(s["cfg"], r["params"], r["batch"])
+      lines += breakdown_lines(s["cfg"], r, bd)
+    record(args, f"train --shape {args.shape}", lines)
   elif cmd == "generate":
     b = args.batch or 8
     r = bench_generate(s, args.new_tokens, b, args.prompt_len, args.reps, args.compare_hf)

@@ -67,7 +67,67 @@ def bench_train(s: dict, steps: int, compare_hf: bool, warmup: int = 1, log=prin
       print(f"  step {stop}/{steps}", file=sys.stderr, flush=True)
   peak.sample(3)
   r["peak"] = peak
+  r["params"], r["batch"] = mj.state["params"], batches[-1]  # for `bench_breakdown`
   return r
+
+
+def bench_breakdown(cfg, params, batch: dict, reps: int = 5) -> dict:
+  """Where medjax's step goes. Each part is jitted alone and the parts are timed in turn
+  (median of `reps`): the loss and gradient of the whole model; of the model without its
+  layers (embedding, final norm, head and loss); and the attention alone (`model.attend`,
+  fwd+bwd, at the step's shape and segment ids, once per layer). The layers' other work
+  (projections, MLP, norms, RoPE) is what is left. Returns seconds per part."""
+  import functools
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from medjax import model, train_step as ts
+  b = jax.device_put(batch)
+  grad = lambda c: jax.jit(jax.value_and_grad(functools.partial(ts.loss_sums, cfg=c),
+                                              has_aux=True))
+  rows, t = batch["inputs"].shape
+  n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hd
+  rng = np.random.default_rng(0)
+  q, kk, v = (jnp.asarray(rng.standard_normal((rows, t, m, h)), cfg.dtype) for m in (n, k, k))
+  seg = b["segment_ids"]
+  attn = jax.jit(jax.grad(lambda q, kk, v: jnp.sum(
+      model.attend(cfg, q, kk, v, seg, h ** -0.5).astype(jnp.float32)), (0, 1, 2)))
+  head_only = {name: p for name, p in params.items() if not name.startswith("layers")}
+  parts = {"model": (grad(cfg), (params, b)),
+           "head": (grad(cfg.replace(num_hidden_layers=0)), (head_only, b)),
+           "attention": (attn, (q, kk, v))}
+  times = {name: [] for name in parts}
+  for fn, args in parts.values():
+    jax.block_until_ready(fn(*args))  # compile
+  for _ in range(reps):
+    for name, (fn, args) in parts.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  out = {name: median_of(ts_) for name, ts_ in times.items()}
+  out["attention"] *= cfg.num_hidden_layers
+  out["reps"] = reps
+  return out
+
+
+def breakdown_lines(cfg, r: dict, bd: dict) -> list[str]:
+  """The parts in ms and shares of the gradient, and what each would leave of the step."""
+  step = median_of(r["mj_t"])
+  hf = median_of(r["hf_t"]) if r["hf_t"] else None
+  whole = bd["model"]
+  parts = [("embedding, final norm, head and loss", bd["head"]),
+           (f"attention, fwd+bwd x {cfg.num_hidden_layers} layers", bd["attention"]),
+           ("the layers' other work (projections, MLP, norms, RoPE; the rest)",
+            whole - bd["head"] - bd["attention"]),
+           ("optimizer update and the rest of the step (the step less the gradient)",
+            step - whole)]
+  lines = [f"where medjax's step goes (each part jitted alone, timed in turn, median of "
+           f"{bd['reps']}): loss + gradient {whole * 1e3:.1f} ms of the {step * 1e3:.1f} ms step"]
+  for label, sec in parts:
+    bound = (f"; the step without it would be {hf / max(step - sec, 1e-9):.2f}x transformers"
+             if hf else "")
+    lines.append(f"  {label}: {sec * 1e3:.1f} ms ({sec / step:.0%} of the step){bound}")
+  return lines
 
 
 def train_lines(s: dict, r: dict) -> list[str]:
