@@ -2,7 +2,8 @@
 
   medjax bench train --shape 50m --compare-hf --steps 16 --block 4   # tokens/s, MFU, ratio
   medjax bench train --shape demo --compare-hf --steps 200   # TinyStories-260K CPT, losses too
-  medjax bench generate --shape 50m --compare-hf   # greedy decoding tokens/s, batch 8
+  medjax bench train --shape demo --compare-hf --breakdown   # + the step's parts timed alone
+  medjax bench generate --shape 50m --compare-hf   # greedy decoding tokens/s, batch 8, floor
   medjax bench train --shape 7b --layers 8 --compare-hf --steps 12 --block 3   # on a GPU
   medjax bench attention                           # fwd+bwd of each attention implementation
   medjax bench data                                # packed CPT pipeline tokens/s
