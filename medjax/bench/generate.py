@@ -101,19 +101,24 @@ class WeightFloor:
     self.bytes = sum(w.nbytes for w in jax.tree.leaves(self.weights))
     tied = cfg.tie_word_embeddings
 
-    def step(_, x):
-      for w in layers:
-        w = {n: a.astype(dt) for n, a in w.items()}
-        kv = (x @ w["k"])[:, :1] + (x @ w["v"])[:, :1]  # materialized, as the cache write
-        x = x + 1e-3 * ((x @ w["q"]) @ w["o"]) + 1e-9 * kv
-        x = x + 1e-3 * (((x @ w["gate"]) * (x @ w["up"])) @ w["down"])
-      logits = x @ (head.astype(dt).T if tied else head.astype(dt))
-      return jnp.take(emb, gen.argmax(logits), axis=0).astype(dt)
+    def loop(weights, emb, x):  # weights are arguments, as the decode's params are
+      layers, head = weights
+
+      def step(_, x):
+        for w in layers:
+          w = {n: a.astype(dt) for n, a in w.items()}
+          kv = (x @ w["k"])[:, :1] + (x @ w["v"])[:, :1]  # materialized, as the cache write
+          x = x + 1e-3 * ((x @ w["q"]) @ w["o"]) + 1e-9 * kv
+          x = x + 1e-3 * (((x @ w["gate"]) * (x @ w["up"])) @ w["down"])
+        logits = x @ (head.astype(dt).T if tied else head.astype(dt))
+        return jnp.take(emb, gen.argmax(logits), axis=0).astype(dt)
+
+      return jax.lax.fori_loop(0, steps, step, x)
 
     x0 = jnp.ones((batch, cfg.hidden_size), dt)
-    self._loop = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
+    self._loop = jax.jit(loop)
     self._sum = jax.jit(lambda ws: sum(jnp.sum(w) for w in jax.tree.leaves(ws)))
-    self.run = lambda: self._loop(x0).block_until_ready()
+    self.run = lambda: self._loop(self.weights, emb, x0).block_until_ready()
     self.run()
     self.read()
 
