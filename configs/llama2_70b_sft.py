@@ -9,7 +9,7 @@ data and runs; fields can still be overridden with --config.FIELD=VALUE. Setting
 reasons: medjax/recipes.py.
 """
 
-from medjax import recipes
+from medjax.training import recipes
 
 
 def get_config(arg=None):

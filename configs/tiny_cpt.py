@@ -3,10 +3,10 @@
   medjax train --config configs/tiny_cpt.py --workdir /tmp/tiny_cpt
   medjax train --config configs/tiny_cpt.py:runlocal --workdir /tmp/t   # ~20 s smoke run
 
-All fields and their defaults: `medjax.runconfig.base_config()`.
+All fields and their defaults: `medjax.training.config.base_config()`.
 """
 
-from medjax.runconfig import base_config
+from medjax.training.config import base_config
 
 
 def get_config(arg=None):

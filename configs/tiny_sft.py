@@ -5,10 +5,10 @@
   medjax train --config configs/tiny_sft.py:lora ...   # LoRA adapters only
   medjax train --config configs/tiny_sft.py:runlocal --workdir /tmp/s   # ~20 s smoke run
 
-All fields and their defaults: `medjax.runconfig.base_config()`.
+All fields and their defaults: `medjax.training.config.base_config()`.
 """
 
-from medjax.runconfig import base_config
+from medjax.training.config import base_config
 
 
 def get_config(arg=None):

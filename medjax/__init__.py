@@ -1,15 +1,24 @@
-"""medjax: continued pretraining and SFT of Llama 2 for medical QA, in JAX/Flax."""
+"""medjax: continued pretraining and SFT of Llama-family models for medical QA, in JAX/Flax."""
 
-from medjax.config import LlamaConfig, PRESETS, preset
 from medjax.errors import CheckpointError, ConfigError, DataError, MedjaxError
+from medjax.model.config import PRESETS, LlamaConfig, preset
 
 
 def load(path: str, **overrides):
-  """An HF Llama dir or medjax checkpoint -> model callable on int32 tokens [B,T] -> logits."""
-  from medjax.hf import load as _load
+  """An HF Llama dir, medjax checkpoint or training workdir -> a model callable on int32
+  tokens [B,T] -> f32 logits [B,T,V] (`checkpoints.load.Loaded`)."""
+  from medjax.checkpoints.load import load as _load
   return _load(path, **overrides)
 
 
-__all__ = ["LlamaConfig", "PRESETS", "preset", "load", "MedjaxError", "ConfigError",
-           "CheckpointError", "DataError"]
+def __getattr__(name: str):
+  # `medjax.Tokenizer` without importing sentencepiece for every `import medjax`.
+  if name == "Tokenizer":
+    from medjax.data.tokenizer import Tokenizer
+    return Tokenizer
+  raise AttributeError(f"module 'medjax' has no attribute {name!r}")
+
+
+__all__ = ["LlamaConfig", "PRESETS", "preset", "load", "Tokenizer", "MedjaxError",
+           "ConfigError", "CheckpointError", "DataError"]
 __version__ = "0.1.0"

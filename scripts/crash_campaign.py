@@ -94,7 +94,7 @@ def ckpt_dirs(workdir: Path) -> tuple[list[int], list[Path]]:
 
 def audit(workdir: Path) -> tuple[list[int], list[str]]:
   """(steps that restore and match their fingerprint, problems of those that do not)."""
-  from medjax import checkpoint
+  from medjax.checkpoints import manager as checkpoint
   from medjax.errors import CheckpointError
   good, bad = [], []
   for s in ckpt_dirs(workdir)[0]:
@@ -203,7 +203,7 @@ def compare_states(a: Path, b: Path) -> tuple[bool, int]:
   """(bit-identical, number of arrays) of the final checkpoints of two workdirs."""
   import jax
   import numpy as np
-  from medjax import checkpoint
+  from medjax.checkpoints import manager as checkpoint
   sa, sb = (checkpoint.read_step(str(w / "checkpoints" / str(ckpt_dirs(w)[0][-1])))[0]
             for w in (a, b))
   la, lb = jax.tree.leaves(sa), jax.tree.leaves(sb)

@@ -22,12 +22,12 @@ def need(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tok():
   """The 512-piece TinyStories tokenizer: shipped in assets, else from shared/."""
-  from medjax.tokenizer import Tokenizer
+  from medjax.data.tokenizer import Tokenizer
   p = ASSETS / "tinystories-260k" / "tokenizer.model"
   return Tokenizer(p if p.exists() else need(TINY_TOKENIZER))
 
 
 @pytest.fixture(scope="session")
 def llama_tok():
-  from medjax.tokenizer import Tokenizer
+  from medjax.data.tokenizer import Tokenizer
   return Tokenizer(need(LLAMA_TOKENIZER))

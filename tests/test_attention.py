@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax import attention, model
+from medjax.model import attention
+from medjax.model import llama as model
 
 
 def _case(b, t, n, k, h, dtype, seed=0):
@@ -58,7 +59,7 @@ def test_flash_bf16_close_to_f32():
 
 def test_model_uses_flash_in_full_passes(monkeypatch):
   # The training/scoring forward goes through flash_attention, never the [B,1,T,S] mask.
-  from medjax import config
+  from medjax.model import config
   cfg = config.preset("tiny")
   params = model.init_params(cfg, jax.random.PRNGKey(0))
   calls = []

@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax import attention, attention_gpu, config, model
+from medjax.model import attention
+from medjax.model import attention_gpu
+from medjax.model import config
+from medjax.model import llama as model
 from medjax.errors import ConfigError
 
 T = 24

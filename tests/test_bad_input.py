@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medjax import cli, convert, safetensors_io
-from medjax.config import LlamaConfig
+from medjax import cli
+from medjax.checkpoints import convert
+from medjax.checkpoints import safetensors_io
+from medjax.model.config import LlamaConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOKENIZER = "asset:tinystories-260k/tokenizer.model"
@@ -197,7 +199,7 @@ CASES = [
 def _fake_run(workdir: Path) -> None:
   """A workdir whose checkpoint holds some other model's state."""
   import jax.numpy as jnp
-  from medjax import checkpoint
+  from medjax.checkpoints import manager as checkpoint
   ck = checkpoint.Checkpointer(str(workdir))
   ck.save(1, {"params": {"embedding": jnp.zeros((3, 5))}}, {}, {"step": 1})
   ck.close()

@@ -66,7 +66,8 @@ def test_weight_floor_reads_every_matmul_weight(scan):
   unless tied), as [in, out] matrices, in both layer layouts; its loop runs."""
   import jax
   import numpy as np
-  from medjax import config, model
+  from medjax.model import config
+  from medjax.model import llama as model
   from medjax.bench.generate import WeightFloor, _layer_weights
   cfg = config.PRESETS["tiny"].replace(scan_layers=scan)  # GQA: k/v narrower than q
   params = model.init_params(cfg, jax.random.PRNGKey(0))

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest_data import CMEXAM_CSV, need
-from medjax import cmexam
+from medjax.data import cmexam
 from medjax.errors import DataError
 
 HEADER = "Question,Options,Answer,Explanation\n"

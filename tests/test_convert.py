@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import medjax
-from medjax import cli, hf, modeldir
+from medjax import cli
+from medjax.checkpoints import hf_export, hf_import, modeldir
+from medjax.model import params as params_lib
 from medjax.errors import CheckpointError, ConfigError
 from hf_fixtures import hf_logits, make_hf_llama, need_shared
 
@@ -25,9 +27,9 @@ def test_export_loads_in_transformers(tmp_path, hf_dir, dtype, tol):
   transformers = pytest.importorskip("transformers")
   import torch
   ck, out = tmp_path / "ck", tmp_path / "out"
-  hf.import_hf(str(hf_dir), str(ck))
+  hf_import.import_hf(str(hf_dir), str(ck))
   # Small shards force the sharded layout with an index, as HF writes for big models.
-  hf.export_hf(str(ck), str(out), dtype=dtype, max_shard_bytes=20_000)
+  hf_export.export_hf(str(ck), str(out), dtype=dtype, max_shard_bytes=20_000)
   assert (out / "model.safetensors.index.json").exists()
   m = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
   tokens = np.random.default_rng(0).integers(0, 97, (2, 9))
@@ -36,16 +38,16 @@ def test_export_loads_in_transformers(tmp_path, hf_dir, dtype, tol):
 
 
 def test_import_export_import_is_bit_identical(tmp_path, hf_dir):
-  cfg, p1 = hf.import_hf(str(hf_dir), str(tmp_path / "a"), scan_layers=False)
-  hf.export_hf(str(tmp_path / "a"), str(tmp_path / "b"))
-  _, p2 = hf.import_hf(str(tmp_path / "b"), scan_layers=False)
-  f1, f2 = modeldir.flatten(p1), modeldir.flatten(p2)
+  cfg, p1 = hf_import.import_hf(str(hf_dir), str(tmp_path / "a"), scan_layers=False)
+  hf_export.export_hf(str(tmp_path / "a"), str(tmp_path / "b"))
+  _, p2 = hf_import.import_hf(str(tmp_path / "b"), scan_layers=False)
+  f1, f2 = params_lib.flatten(p1), params_lib.flatten(p2)
   assert sorted(f1) == sorted(f2)
   for k in f1:
     assert np.array_equal(np.asarray(f1[k]), np.asarray(f2[k])), k
   # The orbax checkpoint restores exactly what was imported, in either layout.
   p3 = modeldir.restore_params(str(tmp_path / "a"), cfg.replace(scan_layers=True))
-  f3 = modeldir.flatten(modeldir.unstack_layers(p3))
+  f3 = params_lib.flatten(params_lib.unstack_layers(p3))
   for k in f1:
     assert np.array_equal(np.asarray(f1[k]), np.asarray(f3[k])), k
 
@@ -53,8 +55,8 @@ def test_import_export_import_is_bit_identical(tmp_path, hf_dir):
 def test_export_tokenizer_loads_with_autotokenizer(tmp_path):
   d = need_shared()
   transformers = pytest.importorskip("transformers")
-  hf.import_hf(str(d), str(tmp_path / "ck"))
-  hf.export_hf(str(tmp_path / "ck"), str(tmp_path / "out"))
+  hf_import.import_hf(str(d), str(tmp_path / "ck"))
+  hf_export.export_hf(str(tmp_path / "ck"), str(tmp_path / "out"))
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
   ids = tok("Once upon a time")["input_ids"]
   assert ids == [1, 403, 407, 261, 378]
@@ -88,20 +90,20 @@ def _edit_config(d, **kw):
 def test_refuses_unsupported_configs(hf_dir, edit, needle):
   _edit_config(hf_dir, **edit)
   with pytest.raises(ConfigError, match=needle) as e:
-    hf.import_hf(str(hf_dir))
+    hf_import.import_hf(str(hf_dir))
   assert "config.json" in str(e.value)
 
 
 def test_refuses_dir_without_config(tmp_path):
   with pytest.raises(ConfigError, match="no config.json"):
-    hf.import_hf(str(tmp_path))
+    hf_import.import_hf(str(tmp_path))
 
 
 def test_refuses_pickles(hf_dir):
   os.remove(hf_dir / "model.safetensors")
   (hf_dir / "pytorch_model.bin").write_bytes(b"not loaded")
   with pytest.raises(CheckpointError, match="pickle") as e:
-    hf.import_hf(str(hf_dir))
+    hf_import.import_hf(str(hf_dir))
   assert "pytorch_model.bin" in str(e.value) and "safetensors" in str(e.value)
 
 
@@ -116,7 +118,7 @@ def test_refuses_missing_tensor(hf_dir):
   _rewrite_safetensors(hf_dir / "model.safetensors",
                        lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
   with pytest.raises(CheckpointError, match=r"missing tensor.*layers\.1\.mlp\.up_proj"):
-    hf.import_hf(str(hf_dir))
+    hf_import.import_hf(str(hf_dir))
 
 
 def test_refuses_misshapen_tensor(hf_dir):
@@ -124,7 +126,7 @@ def test_refuses_misshapen_tensor(hf_dir):
     t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
   _rewrite_safetensors(hf_dir / "model.safetensors", cut)
   with pytest.raises(CheckpointError, match=r"model.safetensors.*k_proj.*shape \(8, 32\)"):
-    hf.import_hf(str(hf_dir))
+    hf_import.import_hf(str(hf_dir))
 
 
 def test_refuses_truncated_safetensors(hf_dir):
@@ -132,11 +134,11 @@ def test_refuses_truncated_safetensors(hf_dir):
   data = p.read_bytes()
   p.write_bytes(data[: len(data) // 2])
   with pytest.raises(CheckpointError, match="model.safetensors"):
-    hf.import_hf(str(hf_dir))
+    hf_import.import_hf(str(hf_dir))
 
 
 def test_restore_refuses_shape_mismatch(tmp_path, hf_dir):
-  cfg, _ = hf.import_hf(str(hf_dir), str(tmp_path / "ck"))
+  cfg, _ = hf_import.import_hf(str(hf_dir), str(tmp_path / "ck"))
   with pytest.raises(CheckpointError, match="shape"):
     modeldir.restore_params(str(tmp_path / "ck"), cfg.replace(intermediate_size=64))
 
@@ -144,15 +146,16 @@ def test_restore_refuses_shape_mismatch(tmp_path, hf_dir):
 def test_lora_merge_export_equals_adapted_model(tmp_path, hf_dir):
   transformers = pytest.importorskip("transformers")
   import torch
-  from medjax import lora, model
-  cfg, params = hf.import_hf(str(hf_dir), scan_layers=True)
+  from medjax.model import lora
+  from medjax.model import llama as model
+  cfg, params = hf_import.import_hf(str(hf_dir), scan_layers=True)
   lcfg = cfg.replace(lora_rank=2, lora_targets=("q", "v", "o", "down"))
   lp = lora.add_adapters(params, lcfg, jax.random.PRNGKey(0))
   # Make B non-zero so the adapters change the output.
   lp = jax.tree_util.tree_map_with_path(
       lambda path, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(path) else x, lp)
   modeldir.save(str(tmp_path / "ck"), lcfg, lp)
-  hf.export_hf(str(tmp_path / "ck"), str(tmp_path / "out"))
+  hf_export.export_hf(str(tmp_path / "ck"), str(tmp_path / "out"))
   m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
                                                         dtype=torch.float32).eval()
   tokens = np.random.default_rng(0).integers(0, 97, (1, 7))

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from conftest_data import tiny_tok  # noqa: F401  (fixture)
-from medjax import cmexam, corpus, data
+from medjax.data import cmexam
+from medjax.data import corpus
+from medjax.assets import asset_path
+from medjax.data import from_config, overlap, packing, pipeline, preview
 from medjax.errors import DataError
 
 T = 16
@@ -16,7 +19,7 @@ def _synthetic_docs(lengths, base=3, seed=0):
   """Docs with unique token values (so every token can be traced), BOS..EOS framed."""
   rng = np.random.default_rng(seed)
   ids = [[1] + rng.integers(base, 500, n - 2).tolist() + [2] for n in lengths]
-  return data.TokenizedDocs.from_lists(ids), ids
+  return packing.TokenizedDocs.from_lists(ids), ids
 
 
 def _check_rows(rows, ids):
@@ -57,7 +60,7 @@ def _check_rows(rows, ids):
 def test_packing_loses_and_duplicates_nothing(mode):
   lengths = [5, 9, 16, 3, 40, 7, 2, 17, 11]  # some longer than a row (T=16)
   docs, ids = _synthetic_docs(lengths)
-  rows = data.PackedRows(docs, T, mode, pad_id=0)
+  rows = packing.PackedRows(docs, T, mode, pad_id=0)
   rebuilt = _check_rows(rows, ids)
   assert [rebuilt[d] for d in range(len(ids))] == ids
   total = sum(int((rows[r]["segment_ids"] > 0).sum()) for r in range(len(rows)))
@@ -75,16 +78,16 @@ def test_packing_loses_and_duplicates_nothing(mode):
 
 def test_cpt_iterator_epoch_covers_every_token_once(tiny_tok):
   texts = [f"Story {i}: the cat sat on the mat {i * 7} times." * (1 + i % 4) for i in range(30)]
-  docs = data.tokenize_documents(texts, tiny_tok)
-  rows = data.PackedRows(docs, T, "concat", tiny_tok.pad_id)
-  it = data.make_cpt_iterator(texts, tiny_tok, T, batch_size=1, seed=3, num_epochs=1)
+  docs = packing.tokenize_documents(texts, tiny_tok)
+  rows = packing.PackedRows(docs, T, "concat", tiny_tok.pad_id)
+  it = pipeline.make_cpt_iterator(texts, tiny_tok, T, batch_size=1, seed=3, num_epochs=1)
   batches = list(it)
   assert len(batches) == len(rows)
   got = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches])
   assert sorted(got.tolist()) == sorted(docs.tokens.tolist())
   # Shuffled: the first row is not the first document's start.
   assert not np.array_equal(batches[0]["inputs"][0], rows[0]["inputs"])
-  assert set(batches[0]) == set(data.FIELDS)
+  assert set(batches[0]) == set(packing.FIELDS)
   assert all(b["inputs"].shape == (1, T) and b["targets"].dtype == np.int32 for b in batches)
 
 
@@ -92,16 +95,16 @@ def test_process_sharding_is_disjoint_and_complete():
   docs, _ = _synthetic_docs([9] * 40)
   shards = []
   for pi in range(2):
-    it = data.make_cpt_iterator(docs, _FakeTok(), T, batch_size=2, seed=1, process_index=pi,
+    it = pipeline.make_cpt_iterator(docs, _FakeTok(), T, batch_size=2, seed=1, process_index=pi,
                                 process_count=2, num_epochs=1)
     shards.append([tuple(r) for b in it for r in b["inputs"]])
   assert shards[0] and len(shards[0]) == len(shards[1])
   assert not set(shards[0]) & set(shards[1])
-  n_rows = len(data.PackedRows(docs, T, "concat", 0))
+  n_rows = len(packing.PackedRows(docs, T, "concat", 0))
   # Both processes stop after the last complete global batch (of 2 rows).
   assert len(shards[0]) + len(shards[1]) == n_rows // 2 * 2
   with pytest.raises(DataError, match="divisible"):
-    data.make_cpt_iterator(docs, _FakeTok(), T, batch_size=3, process_count=2)
+    pipeline.make_cpt_iterator(docs, _FakeTok(), T, batch_size=3, process_count=2)
 
 
 class _FakeTok:
@@ -112,7 +115,7 @@ def test_sft_loss_mask_covers_response_only(tiny_tok):
   qs = [cmexam.Question(f"Which one {i}?", {"A": "red", "B": "blue", "C": "green"},
                         "AC" if i % 2 else "B", f"Because {i}.") for i in range(6)]
   for with_expl in (False, True):
-    it = data.make_sft_iterator(qs, tiny_tok, 256, batch_size=1, seed=0,
+    it = pipeline.make_sft_iterator(qs, tiny_tok, 256, batch_size=1, seed=0,
                                 with_explanation=with_expl, num_epochs=1)
     seen, most = 0, 0
     for b in it:
@@ -134,13 +137,13 @@ def test_sft_loss_mask_covers_response_only(tiny_tok):
     assert seen == 6
     if not with_expl:
       assert most > 1  # packed: a row holds several short examples
-  unpacked = data.make_sft_iterator(qs, tiny_tok, 256, 1, seed=0, pack=False, num_epochs=1)
+  unpacked = pipeline.make_sft_iterator(qs, tiny_tok, 256, 1, seed=0, pack=False, num_epochs=1)
   assert [int(b["segment_ids"].max()) for b in unpacked] == [1] * 6
 
 
 def test_sft_truncation_drops_explanation_then_cuts_prompt_left(tiny_tok):
   q = cmexam.Question("long " * 60, {"A": "x", "B": "y"}, "B", "explained " * 40)
-  docs = data.tokenize_sft([q], tiny_tok, 64, with_explanation=True)
+  docs = packing.tokenize_sft([q], tiny_tok, 64, with_explanation=True)
   ids, w = docs.doc(0).tolist(), docs.weights.tolist()
   assert len(ids) <= 64 and ids[0] == tiny_tok.bos_id
   trained = [ids[i + 1] for i in range(len(ids) - 1) if w[i]]
@@ -148,18 +151,18 @@ def test_sft_truncation_drops_explanation_then_cuts_prompt_left(tiny_tok):
   answer_cue = tiny_tok.encode("B. y\n答案：", bos=False)
   assert ids[-len(trained) - 3:-len(trained)] == answer_cue[-3:]  # prompt end kept
   with pytest.raises(DataError, match="seq_len"):
-    data.tokenize_sft([q], tiny_tok, 3)
+    packing.tokenize_sft([q], tiny_tok, 3)
 
 
 def test_mixture_ratio():
   a, _ = _synthetic_docs([T] * 50, base=3, seed=1)  # token values < 500
-  b = data.TokenizedDocs.from_lists([[1] + [600 + i % 50] * (T - 2) + [2] for i in range(50)])
-  it = data.make_cpt_iterator([(a, 0.75), (b, 0.25)], _FakeTok(), T, batch_size=10, seed=0)
+  b = packing.TokenizedDocs.from_lists([[1] + [600 + i % 50] * (T - 2) + [2] for i in range(50)])
+  it = pipeline.make_cpt_iterator([(a, 0.75), (b, 0.25)], _FakeTok(), T, batch_size=10, seed=0)
   rows = np.concatenate([next(it)["inputs"] for _ in range(60)])
   from_b = np.mean([(r >= 600).any() for r in rows])
   assert abs(from_b - 0.25) < 0.03
   with pytest.raises(DataError, match="num_epochs"):
-    data.make_cpt_iterator([(a, 1.0), (b, 1.0)], _FakeTok(), T, 2, num_epochs=1)
+    pipeline.make_cpt_iterator([(a, 1.0), (b, 1.0)], _FakeTok(), T, 2, num_epochs=1)
 
 
 @pytest.mark.parametrize("kind", ["cpt", "mixture", "sft"])
@@ -169,10 +172,10 @@ def test_resume_gives_identical_next_batch(kind, tiny_tok):
 
   def make():
     if kind == "cpt":
-      return data.make_cpt_iterator(texts, tiny_tok, T, 4, seed=5)
+      return pipeline.make_cpt_iterator(texts, tiny_tok, T, 4, seed=5)
     if kind == "mixture":
-      return data.make_cpt_iterator([(texts, 0.7), (texts[:10], 0.3)], tiny_tok, T, 4, seed=5)
-    return data.make_sft_iterator(qs, tiny_tok, 64, 4, seed=5)
+      return pipeline.make_cpt_iterator([(texts, 0.7), (texts[:10], 0.3)], tiny_tok, T, 4, seed=5)
+    return pipeline.make_sft_iterator(qs, tiny_tok, 64, 4, seed=5)
 
   it = make()
   for _ in range(7):  # past the end of the first epoch too
@@ -183,14 +186,14 @@ def test_resume_gives_identical_next_batch(kind, tiny_tok):
   it2.set_state(state)
   for w in want:
     got = next(it2)
-    for k in data.FIELDS:
+    for k in packing.FIELDS:
       np.testing.assert_array_equal(got[k], w[k])
 
 
 def test_eval_batches_cover_everything_once(tiny_tok):
   texts = [f"Validation doc {i} " * (1 + i % 5) for i in range(23)]
-  docs = data.tokenize_documents(texts, tiny_tok)
-  per_proc = [list(data.eval_batches(texts, tiny_tok, T, 4, process_index=p, process_count=2))
+  docs = packing.tokenize_documents(texts, tiny_tok)
+  per_proc = [list(pipeline.eval_batches(texts, tiny_tok, T, 4, process_index=p, process_count=2))
               for p in range(2)]
   assert len(per_proc[0]) == len(per_proc[1]) > 0
   toks = [b["inputs"][b["segment_ids"] > 0] for bs in per_proc for b in bs]
@@ -198,14 +201,14 @@ def test_eval_batches_cover_everything_once(tiny_tok):
   assert sum(float(b["loss_mask"].sum()) for bs in per_proc for b in bs) == (
       docs.num_tokens - docs.num_docs)  # every within-document target, once
   assert all(b["inputs"].shape == (2, T) for bs in per_proc for b in bs)
-  again = list(data.eval_batches(texts, tiny_tok, T, 4, process_index=0, process_count=2))
+  again = list(pipeline.eval_batches(texts, tiny_tok, T, 4, process_index=0, process_count=2))
   assert all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(again, per_proc[0]))
 
 
 def test_render_row_marks_untrained_tokens(tiny_tok):
   q = cmexam.Question("Pick?", {"A": "yes", "B": "no"}, "A", "")
-  b = next(data.make_sft_iterator([q], tiny_tok, 256, 1, seed=0))
-  text = data.render_row(b, tiny_tok)
+  b = next(pipeline.make_sft_iterator([q], tiny_tok, 256, 1, seed=0))
+  text = preview.render_row(b, tiny_tok)
   # The prompt (with BOS) is bracketed as untrained; the answer and EOS are trained.
   assert text.startswith("[segment 1, ") and "⟦<s>" + cmexam.PROMPT_HEADER in text
   assert text.splitlines()[-2].endswith("答案：⟧A</s>") and "[padding:" in text
@@ -268,7 +271,7 @@ def test_ngram_overlap_finds_contamination(tmp_path):
         cmexam.Question("夜间阵发性呼吸困难可见于", {"A": "癔病", "B": "左心功能不全"}, "B")]
   docs = [corpus.Document("教材：上消化道出血可单纯 表现为呕血或黑便。", "c.txt:1"),
           corpus.Document("完全无关的一段文字，讲的是高血压的饮食。", "c.txt:3")]
-  ov = corpus.ngram_overlap([q.question for q in qs], docs, n=13)
+  ov = overlap.ngram_overlap([q.question for q in qs], docs, n=13)
   assert set(ov.hits) == {0} and ov.dirty_docs == {0}  # whitespace is ignored
   assert ov.example[0][1] == "c.txt:1" and len(ov.example[0][0]) == 13
 
@@ -276,7 +279,7 @@ def test_ngram_overlap_finds_contamination(tmp_path):
 def test_cli_build_show_overlap(tmp_path, capsys):
   import argparse
 
-  from medjax import data_cli
+  from medjax.cli import data as data_cli
   csv_path = tmp_path / "cmexam_val.csv"
   csv_path.write_text("Question,Options,Answer,Explanation\n"
                       "哪项正确,A 甲\\nB 乙\\nC 丙\\nD 丁,B,因为\n"
@@ -287,7 +290,7 @@ def test_cli_build_show_overlap(tmp_path, capsys):
                              "--out", str(tmp_path / "tfds")]))
   out = capsys.readouterr().out
   assert "cmexam validation: 1 examples" in out and "cmexam_val.csv:3: option letters" in out
-  from medjax import datasets
+  from medjax.data import builders as datasets
   (q,) = datasets.load_questions(tmp_path / "tfds", "validation")
   assert q.answer == "B" and q.options["A"] == "甲" and q.source.endswith("cmexam_val.csv:2")
 
@@ -303,7 +306,7 @@ def test_cli_build_show_overlap(tmp_path, capsys):
 
 
 def test_tfds_medical_text_round_trip(tmp_path):
-  from medjax import datasets
+  from medjax.data import builders as datasets
   texts = [f"病例{i}：患者发热{i}天。" for i in range(300)]
   (tmp_path / "in").mkdir()
   (tmp_path / "in" / "docs.txt").write_text("\n\n".join(texts), encoding="utf-8")
@@ -316,7 +319,8 @@ def test_tfds_medical_text_round_trip(tmp_path):
 
 def test_training_reads_built_datasets(tmp_path, tiny_tok):
   """`data.train = "tfds:DIR"` trains on the built train split, validates on its validation."""
-  from medjax import datasets, runconfig
+  from medjax.data import builders as datasets
+  from medjax.training import config as runconfig
   texts = [f"病例{i}：患者发热{i}天。" for i in range(300)]
   (tmp_path / "in").mkdir()
   (tmp_path / "in" / "docs.txt").write_text("\n\n".join(texts), encoding="utf-8")
@@ -324,26 +328,26 @@ def test_training_reads_built_datasets(tmp_path, tiny_tok):
   c = runconfig.base_config()
   c.task, c.batch_size, c.data.seq_len = "cpt", 2, 32
   c.data.train = f"tfds:{tmp_path / 'tfds'}"
-  it, val = runconfig.make_data(c, tiny_tok, log=lambda m: None)
+  it, val = from_config.make_data(c, tiny_tok, log=lambda m: None)
   assert sorted(val) == sorted(datasets.load_texts(tmp_path / "tfds", "validation"))
   assert next(it)["inputs"].shape == (2, 32)
   # SFT: a cmexam build with train.csv only has no validation split; none is invented.
   import csv
-  with open(data.asset_path("cmexam_sample.csv"), encoding="utf-8", newline="") as f:
+  with open(asset_path("cmexam_sample.csv"), encoding="utf-8", newline="") as f:
     rows = list(csv.reader(f))[:41]  # header + 40 questions
   (tmp_path / "cm").mkdir()
   with open(tmp_path / "cm" / "train.csv", "w", encoding="utf-8", newline="") as f:
     csv.writer(f).writerows(rows)
   datasets.build("cmexam", tmp_path / "cm", tmp_path / "tfds")
   c.task, c.data.seq_len = "sft", 256
-  it, val = runconfig.make_data(c, tiny_tok, log=lambda m: None)
+  it, val = from_config.make_data(c, tiny_tok, log=lambda m: None)
   assert val is None and next(it)["loss_mask"].sum() > 0
 
 
 def test_asset_path():
-  assert data.asset_path("tinystories-260k/tokenizer.model").is_file()
-  assert data.asset_path("cmexam_sample.csv").stat().st_size < 1_500_000
+  assert asset_path("tinystories-260k/tokenizer.model").is_file()
+  assert asset_path("cmexam_sample.csv").stat().st_size < 1_500_000
   with pytest.raises(DataError, match="nothing.bin"):
-    data.asset_path("nothing.bin")
-  qs, problems = cmexam.read_cmexam(data.asset_path("cmexam_sample.csv"))
+    asset_path("nothing.bin")
+  qs, problems = cmexam.read_cmexam(asset_path("cmexam_sample.csv"))
   assert len(qs) == 1200 and problems == []

@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from medjax import cli, config, model, vocab
+from medjax import cli
+from medjax.model import config
+from medjax.model import llama as model
+from medjax.checkpoints import vocab
 from medjax.errors import CheckpointError
 
 

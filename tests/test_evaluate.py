@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 import medjax
-from medjax import cli, evaluate
-from medjax.cmexam import Question, format_prompt, read_cmexam
+from medjax import cli
+from medjax.evaluation import exam as evaluate
+from medjax.evaluation import scoring
+from medjax.data.cmexam import Question, format_prompt, read_cmexam
 from hf_fixtures import make_hf_llama, need_shared
 
 VOCAB = 97
@@ -101,7 +103,7 @@ def test_token_logprobs_padding_invariant(tiny):
   tokens[0, :6], seg[0, :6] = row, 1
   tokens[1, :3], seg[1, :3] = row[:3], 1
   pos = np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16))
-  lp = np.asarray(evaluate.token_logprobs(m.cfg, m.params, jnp.asarray(tokens), seg, pos))
+  lp = np.asarray(scoring.token_logprobs(m.cfg, m.params, jnp.asarray(tokens), seg, pos))
   ref = _hf_logprobs(hf, row)
   want = [ref[t - 1, row[t]] for t in range(1, 6)]
   np.testing.assert_allclose(lp[0, 1:6], want, atol=1e-4)
@@ -212,7 +214,7 @@ def test_perplexity_matches_transformers(tiny):
     lp = _hf_logprobs(hf, ids)
     total -= sum(lp[t - 1, ids[t]] for t in range(1, len(ids)))
     n += len(ids) - 1
-  r = evaluate.perplexity(m.cfg, m.params, tok, DOCS, batch_size=2)
+  r = scoring.perplexity(m.cfg, m.params, tok, DOCS, batch_size=2)
   assert r["tokens"] == n and r["windows"] == 3
   assert r["nll"] == pytest.approx(total / n, abs=1e-5)
   assert r["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-5)
@@ -229,7 +231,7 @@ def test_perplexity_windows_overlap_by_one_token(tiny):
     w = ids[a:b]
     lp = _hf_logprobs(hf, w)
     total -= sum(lp[t - 1, w[t]] for t in range(1, len(w)))
-  r = evaluate.perplexity(m.cfg, m.params, tok, [DOCS[1]], batch_size=4, max_len=16)
+  r = scoring.perplexity(m.cfg, m.params, tok, [DOCS[1]], batch_size=4, max_len=16)
   assert r["windows"] == 3 and r["tokens"] == 39
   assert r["nll"] == pytest.approx(total / 39, abs=1e-5)
 
@@ -271,9 +273,9 @@ def test_scoring_under_transfer_guard(tiny):
   """Training evaluates with jax_transfer_guard="disallow": only explicit copies allowed."""
   import jax
   _, m = tiny
-  want = evaluate.perplexity(m.cfg, m.params, CharTok(), DOCS, batch_size=2)
+  want = scoring.perplexity(m.cfg, m.params, CharTok(), DOCS, batch_size=2)
   with jax.transfer_guard("disallow"):
-    got = evaluate.perplexity(m.cfg, m.params, CharTok(), DOCS, batch_size=2)
+    got = scoring.perplexity(m.cfg, m.params, CharTok(), DOCS, batch_size=2)
     scores, _ = evaluate.score_cmexam(m.cfg, m.params, CharTok(), QUESTIONS[:2], batch_size=2)
   assert got == want
   assert len(scores) == 2

@@ -6,7 +6,9 @@ import importlib.util
 
 import pytest
 
-from medjax import config, fit
+from medjax.model import config
+from medjax.bench import fit_table
+from medjax.training import fit
 from medjax.cli import main
 
 needs_libtpu = pytest.mark.skipif(
@@ -88,7 +90,8 @@ def test_splash_matches_einsum_on_cpu():
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from medjax import model, sharding
+  from medjax.model import llama as model
+  from medjax.parallel import sharding
   cfg = config.preset("tiny")
   params = model.init_params(cfg, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
@@ -113,7 +116,7 @@ def test_splash_matches_einsum_on_cpu():
 
 
 def test_bench_cases_quick():
-  rows = fit.bench_cases(quick=True)
+  rows = fit_table.bench_fit(quick=True)
   assert len(rows) == 1
   r = rows[0]
   for key in ("model", "topology", "batch_per_device", "fits", "per_device_gib", "hbm_gib",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import medjax
-from medjax import generate as gen
-from medjax import model
+from medjax.evaluation import generate as gen
+from medjax.model import llama as model
 from hf_fixtures import make_hf_llama, need_shared
 
 STORIES_PROMPT = [1, 403, 407, 261, 378]  # BOS + "Once upon a time"
@@ -66,7 +66,7 @@ def test_cached_decoding_matches_full_recompute(tiny):
 
 def test_scanned_layers_decode_the_same(tiny):
   # scan_layers keeps the cache stacked [L,...]; the unrolled model keeps one per layer.
-  from medjax.modeldir import to_layout
+  from medjax.model.params import to_layout
   _, m = tiny
   scfg = m.cfg.replace(scan_layers=True)
   want = gen.generate(m.cfg, m.params, PROMPTS, 6)
@@ -157,7 +157,7 @@ def test_tinystories_reproduces_readme_greedy_reference(overrides):
   assert out[1] == STORIES_GREEDY
   assert out[2] == STORIES_GREEDY[2:] + out[2][38:]
 
-  from medjax.tokenizer import Tokenizer
+  from medjax.data.tokenizer import Tokenizer
   text = gen.generate_text(m, Tokenizer(d / "tokenizer.model"), ["Once upon a time"], 40)
   assert text == [", there was a little girl named Lily. She loved to play outside in the "
                   "park. One day, she saw a big, red ball."]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import medjax
-from medjax import config, model
+from medjax.model import config
+from medjax.model import llama as model
 from hf_fixtures import hf_logits, make_hf_llama, need_shared
 
 CASES = {
@@ -74,7 +75,7 @@ def test_variants_agree(variant):
   seg = jnp.array([[1] * 10 + [2] * 6, [1] * 16])
   ref = model.forward(cfg, params, tokens, segment_ids=seg)
   vcfg = cfg.replace(**variant)
-  from medjax.modeldir import to_layout
+  from medjax.model.params import to_layout
   got = model.forward(vcfg, to_layout(params, vcfg), tokens, segment_ids=seg)
   assert float(jnp.abs(got - ref).max()) <= 1e-5
   # Gradients agree too (remat/scan change the backward pass).

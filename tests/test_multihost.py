@@ -35,17 +35,20 @@ def global_rows(step: int) -> dict[str, np.ndarray]:
 
 
 def worker(process_id: int, num_processes: int, port: int) -> dict:
-  from medjax import distributed
+  from medjax.parallel import distributed
   joined = distributed.initialize(f"localhost:{port}" if num_processes > 1 else None,
                                   num_processes, process_id)
   import jax
-  from medjax import config, model, sharding, train_step
+  from medjax.model import config
+  from medjax.model import llama as model
+  from medjax.parallel import sharding
+  from medjax.training import optim, state, step
   cfg = config.preset("tiny", scan_layers=True)
   shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
-  opt, sched = train_step.make_optimizer(OC, cfg, shapes)
+  opt, sched = optim.make_optimizer(OC, cfg, shapes)
   mesh = sharding.make_mesh(*MESH)
-  state, ssh = sharding.sharded_init(cfg, opt, mesh, seed=0)
-  step = sharding.jit_train_step(cfg, opt, sched, mesh, ssh)
+  state, ssh = state.sharded_init(cfg, opt, mesh, seed=0)
+  step = step.jit_train_step(cfg, opt, sched, mesh, ssh)
   bsh = sharding.batch_sharding(mesh)
   rows = distributed.process_slice(GLOBAL_BATCH, bsh)
   losses, norms = [], []

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medjax import checkpoint, runconfig
+from medjax.checkpoints import manager as checkpoint
+from medjax.data import from_config
 from medjax.errors import CheckpointError
 from test_train import CONFIGS, _losses, _overrides
 
@@ -199,11 +200,11 @@ if __name__ == "__main__":
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error, not the signal
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
   if bad:
-    make = runconfig.make_data
+    make = from_config.make_data
 
     def poisoned(*a, **k):
       it, val = make(*a, **k)
       return _Poisoned(it, bad), val
 
-    runconfig.make_data = poisoned
+    from_config.make_data = poisoned
   sys.exit(cli.main(sys.argv[3:]))

@@ -38,7 +38,7 @@ def run_with_devices(args, n: int = 8, timeout: int = 300) -> dict:
 
 
 def tiny(scan: bool):
-  from medjax import config
+  from medjax.model import config
   return config.preset("tiny", scan_layers=scan)
 
 
@@ -55,19 +55,20 @@ def make_batch(cfg, b: int = 8, t: int = 16, seed: int = 0) -> dict[str, np.ndar
 
 def make_opt(cfg):
   import jax
-  from medjax import model, train_step
+  from medjax.model import llama as model
+  from medjax.training import optim
   shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
-  return train_step.make_optimizer(OC, cfg, shapes)
+  return optim.make_optimizer(OC, cfg, shapes)
 
 
 def mean_loss(params, batch, cfg):
-  from medjax import train_step
-  s, c = train_step.loss_sums(params, batch, cfg)
+  from medjax.training import step as step_lib
+  s, c = step_lib.loss_sums(params, batch, cfg)
   return s / c
 
 
 def flat_np(tree, prefix: str) -> dict[str, np.ndarray]:
-  from medjax.modeldir import flatten
+  from medjax.model.params import flatten
   return {f"{prefix}/{k}": np.asarray(v) for k, v in flatten(tree).items()}
 
 
@@ -76,9 +77,11 @@ def flat_np(tree, prefix: str) -> dict[str, np.ndarray]:
 
 def work_parity(out: str, mesh_shape: str):
   """One jitted train step per scan mode, with plain SGD(lr=1) so that old - new = grads."""
+  from medjax.training import step as step_lib, state as state_lib
   import jax
   import optax
-  from medjax import model, sharding
+  from medjax.model import llama as model
+  from medjax.parallel import sharding
   mesh = sharding.make_mesh(*map(int, mesh_shape.split("x")))
   arrays = {}
   for scan in (False, True):
@@ -86,8 +89,8 @@ def work_parity(out: str, mesh_shape: str):
     params = model.init_params(cfg, jax.random.PRNGKey(0))
     before = flat_np(params, "p")
     opt = optax.sgd(1.0)
-    state, ssh = sharding.shard_params_state(params, cfg, opt, mesh)
-    step = sharding.jit_train_step(cfg, opt, optax.constant_schedule(1.0), mesh, ssh)
+    state, ssh = state_lib.shard_params_state(params, cfg, opt, mesh)
+    step = step_lib.jit_train_step(cfg, opt, optax.constant_schedule(1.0), mesh, ssh)
     state, metrics = step(state, make_batch(cfg))
     tag = "scan" if scan else "noscan"
     arrays[f"{tag}/loss"] = np.asarray(metrics["loss"])
@@ -100,8 +103,11 @@ def work_parity(out: str, mesh_shape: str):
 
 def work_layout(out: str):
   """Specs the rules give, compile-once, donation, sharded init, the replication check."""
+  from medjax.model import params as params_lib
   import jax
-  from medjax import model, sharding, train_step
+  from medjax.model import llama as model
+  from medjax.parallel import sharding
+  from medjax.training import step as step_lib, state as state_lib
   cfg = tiny(True)
   opt, sched = make_opt(cfg)
   facts = {}
@@ -109,9 +115,9 @@ def work_layout(out: str):
     mesh = sharding.make_mesh(*shape)
     name = "x".join(map(str, shape))
     if shape == (2, 2, 2):  # the real thing on one mesh; specs alone on the others (time)
-      state, ssh = sharding.sharded_init(cfg, opt, mesh, seed=3)
+      state, ssh = state_lib.sharded_init(cfg, opt, mesh, seed=3)
     else:
-      ssh = sharding.state_shardings(cfg, opt, mesh)
+      ssh = state_lib.state_shardings(cfg, opt, mesh)
       state = _abstract(cfg, opt, ssh)
     lines = []
     specs = sharding.describe(ssh, log=lines.append)
@@ -124,10 +130,10 @@ def work_layout(out: str):
         "sharded_ok": _check_sharded(state["params"], mesh),
     }
     if shape == (2, 2, 2):
-      ref = train_step.init_state(model.init_params(cfg, jax.random.PRNGKey(3)), opt, 3)
+      ref = state_lib.init_state(model.init_params(cfg, jax.random.PRNGKey(3)), opt, 3)
       facts["init_max_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                                    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state)))
-      step = sharding.jit_train_step(cfg, opt, sched, mesh, ssh)
+      step = step_lib.jit_train_step(cfg, opt, sched, mesh, ssh)
       old = state
       losses = []
       for i in range(3):
@@ -140,25 +146,26 @@ def work_layout(out: str):
       facts["step_q_spec"] = str(state["params"]["layers"]["attn"]["q"]["w"].sharding.spec)
   # A dim the mesh does not divide (mlp=172 over tensor=8) is replicated, and caught.
   mesh = sharding.make_mesh(1, 1, 8)
-  ssh = sharding.state_shardings(cfg, opt, mesh)
+  ssh = state_lib.state_shardings(cfg, opt, mesh)
   facts["uneven_spec"] = str(ssh["params"]["layers"]["mlp"]["up"]["w"].spec)
   facts["uneven_error"] = _check_sharded(_abstract(cfg, opt, ssh)["params"], mesh)
   # A rules override from config moves a param.
   rules = sharding.parse_rules("embed=;vocab=fsdp+tensor")
   mesh = sharding.make_mesh(1, 2, 4)
-  facts["custom_emb"] = str(sharding.param_shardings(cfg, mesh, rules)["embedding"].spec)
+  facts["custom_emb"] = str(params_lib.param_shardings(cfg, mesh, rules)["embedding"].spec)
   return facts
 
 
 def _abstract(cfg, opt, ssh):
+  from medjax.training import state as state_lib
   import jax
-  from medjax import sharding
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      sharding._abstract_state(cfg, opt), ssh)
+                      state_lib.abstract_state(cfg, opt), ssh)
 
 
 def _check_sharded(params, mesh) -> object:
-  from medjax import errors, sharding
+  from medjax import errors
+  from medjax.parallel import sharding
   try:
     return sharding.assert_params_sharded(params, mesh, min_size=1024)
   except errors.ConfigError as e:
@@ -167,23 +174,26 @@ def _check_sharded(params, mesh) -> object:
 
 def work_import(out: str, hf_dir: str):
   """import_hf placing each tensor on a (1,2,4) mesh as it is read."""
+  from medjax.training import state as state_lib
+  from medjax.model import params as params_lib
   import jax
-  from medjax import hf, sharding
+  from medjax.checkpoints import hf_import as hf
+  from medjax.parallel import sharding
   mesh = sharding.make_mesh(1, 2, 4)
   arrays, facts = {}, {}
   for scan in (False, True):
     cfg, params = hf.import_hf(hf_dir, scan_layers=scan, log=lambda *a: None,
-                               shardings_fn=lambda c: sharding.param_shardings(c, mesh))
+                               shardings_fn=lambda c: params_lib.param_shardings(c, mesh))
     tag = "scan" if scan else "noscan"
     arrays.update(flat_np(params, tag))
     if not scan:
-      want = sharding.param_shardings(cfg, mesh)
+      want = params_lib.param_shardings(cfg, mesh)
       facts["placed"] = all(a.sharding.is_equivalent_to(w, a.ndim) for a, w in
                             zip(jax.tree.leaves(params), jax.tree.leaves(want)))
       facts["q_spec"] = str(params["layers_0"]["attn"]["q"]["w"].sharding.spec)
     else:
       opt, _ = make_opt(cfg)
-      state, ssh = sharding.shard_params_state(params, cfg, opt, mesh)
+      state, ssh = state_lib.shard_params_state(params, cfg, opt, mesh)
       facts["state_placed"] = all(
           a.sharding.is_equivalent_to(w, a.ndim)
           for a, w in zip(jax.tree.leaves(state), jax.tree.leaves(ssh)))
@@ -201,7 +211,7 @@ def single_ref():
   import functools
   import jax
   import optax
-  from medjax import model
+  from medjax.model import llama as model
   out = {}
   for scan in (False, True):
     cfg = tiny(scan)
@@ -278,11 +288,12 @@ def test_replication_check(layout):
 def test_sharded_init_and_step_compiles_once(layout):
   import functools
   import jax
-  from medjax import model, train_step
+  from medjax.model import llama as model
+  from medjax.training import step as step_lib, state as state_lib
   cfg = tiny(True)
   opt, sched = make_opt(cfg)
-  state = train_step.init_state(model.init_params(cfg, jax.random.PRNGKey(3)), opt, 3)
-  step = jax.jit(functools.partial(train_step.train_step, cfg=cfg, optimizer=opt,
+  state = state_lib.init_state(model.init_params(cfg, jax.random.PRNGKey(3)), opt, 3)
+  step = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, optimizer=opt,
                                    schedule=sched))
   ref = []
   for i in range(3):
@@ -301,7 +312,7 @@ def test_sharded_init_and_step_compiles_once(layout):
 
 
 def test_sharded_import_equals_unsharded(tmp_path):
-  from medjax import hf
+  from medjax.checkpoints import hf_import as hf
   hf_dir = tmp_path / "hf"
   make_hf_llama(hf_dir, vocab=128, hidden=64, layers=2, heads=8, kv_heads=4, ffn=96)
   out = tmp_path / "imp.npz"

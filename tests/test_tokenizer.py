@@ -5,7 +5,8 @@ import pytest
 from conftest_data import LLAMA_TOKENIZER, TINY_TOKENIZER, need
 from conftest_data import llama_tok, tiny_tok  # noqa: F401  (fixtures)
 from medjax.errors import DataError
-from medjax.tokenizer import Tokenizer, extend_tokenizer
+from medjax.data.extend import extend_tokenizer
+from medjax.data.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world",
@@ -37,8 +38,8 @@ def _hf(model_path):
 
 
 def _cmexam_questions(n=20):
-  from medjax.cmexam import format_prompt, format_response, read_cmexam
-  from medjax.data import asset_path
+  from medjax.data.cmexam import format_prompt, format_response, read_cmexam
+  from medjax.assets import asset_path
   qs, _ = read_cmexam(asset_path("cmexam_sample.csv"))  # shipped: runs on a fresh clone
   return [format_prompt(q) + format_response(q, True) for q in qs[:n]]
 
@@ -107,13 +108,14 @@ def test_extend_tokenizer(tmp_path, tiny_tok):
 def test_extended_tokenizer_matches_hugging_face_after_export(tmp_path, tiny_tok):
   """The extended tokenizer is what `export-hf` ships: transformers must encode the same ids."""
   transformers = pytest.importorskip("transformers")
-  from medjax import config as config_lib, hf
+  from medjax.model import config as config_lib
+  from medjax.checkpoints import hf_export
   docs = _cmexam_questions(400)
   report = extend_tokenizer(tiny_tok.path, docs[:300], add_n=300, out_dir=tmp_path / "ext")
   out = tmp_path / "hf"
   out.mkdir()
   cfg = config_lib.LlamaConfig(vocab_size=report["vocab_size"])
-  hf.write_tokenizer_files(str(tmp_path / "ext" / "tokenizer.model"), str(out), cfg)
+  hf_export.write_tokenizer_files(str(tmp_path / "ext" / "tokenizer.model"), str(out), cfg)
   ours = Tokenizer(tmp_path / "ext" / "tokenizer.model")
   theirs = transformers.AutoTokenizer.from_pretrained(str(out))
   held = [line for d in docs[300:] for line in d.splitlines() if line.strip() == line and line]

@@ -15,7 +15,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medjax import config, lora, model, runconfig, train, train_step as ts
+from medjax.model import config
+from medjax.model import lora
+from medjax.model import llama as model
+from medjax.assets import resolve
+from medjax.training import config as runconfig
+from medjax.training import loop as train
+from medjax.training import optim
+from medjax.training import state as state_lib
+from medjax.training import step as ts
 from medjax.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -100,8 +108,8 @@ def _batch(b=8, t=16, seed=0, vocab=512):
 
 def _step(cfg, accum=1, params=None):
   params = params if params is not None else model.init_params(cfg, jax.random.PRNGKey(0))
-  opt, sched = ts.make_optimizer(OC, cfg, params)
-  state = ts.init_state(params, opt, 0)
+  opt, sched = optim.make_optimizer(OC, cfg, params)
+  state = state_lib.init_state(params, opt, 0)
   fn = jax.jit(functools.partial(ts.train_step, cfg=cfg, optimizer=opt, schedule=sched,
                                  accum_steps=accum))
   return state, fn
@@ -120,7 +128,7 @@ def test_gradient_accumulation_equals_large_batch():
   for accum in (1, 4):
     fn = jax.jit(functools.partial(ts.train_step, cfg=cfg, optimizer=opt, schedule=sched,
                                    accum_steps=accum))
-    out.append(fn(ts.init_state(params, opt, 0), batch))
+    out.append(fn(state_lib.init_state(params, opt, 0), batch))
   (s1, m1), (s4, m4) = out
   assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5
   assert abs(float(m1["grad_norm"]) - float(m4["grad_norm"])) < 1e-5
@@ -149,7 +157,7 @@ def test_lora_trains_only_adapters():
   state, fn = _step(lcfg, 1, params)
   for _ in range(3):
     state, m = fn(state, _batch())
-  from medjax.modeldir import flatten
+  from medjax.model.params import flatten
   before, after = flatten(params), flatten(state["params"])
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   assert changed and all(lora.is_lora_path(k) for k in changed), changed
@@ -204,7 +212,8 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
   c = lambda: runconfig.load(str(CONFIGS / "tiny_cpt.py"), o)
   a, b = tmp_path / "a", tmp_path / "b"
   train.main(c(), str(a))
-  from medjax.modeldir import flatten, saved_tree
+  from medjax.checkpoints.modeldir import saved_tree
+  from medjax.model.params import flatten
   tree = saved_tree(str(a / "checkpoints" / "6" / "state"))
   saved = flatten(dict(tree["params"]))
   assert saved and all(lora.is_lora_path(k) for k in saved), sorted(saved)[:5]
@@ -215,5 +224,5 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
   toks = np.arange(1, 9, dtype=np.int32)[None]
   la, lb = np.asarray(medjax.load(str(a))(toks)), np.asarray(medjax.load(str(b))(toks))
   np.testing.assert_array_equal(la, lb)
-  base = np.asarray(medjax.load(str(runconfig.resolve("asset:tinystories-260k")))(toks))
+  base = np.asarray(medjax.load(str(resolve("asset:tinystories-260k")))(toks))
   assert np.abs(la - base).max() > 1e-3  # the trained adapters are in the merged weights

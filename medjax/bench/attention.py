@@ -15,7 +15,9 @@ from medjax.bench.common import fmt_rate, median_of
 
 def _impls(on_gpu: bool):
   import jax
-  from medjax import attention, attention_gpu, model
+  from medjax.model import attention
+  from medjax.model import attention_gpu
+  from medjax.model import llama as model
 
   impls = {
       "einsum reference (XLA)": model.reference_attention,
@@ -35,7 +37,7 @@ def bench_attention(batch: int, seq: int, heads: int, kv_heads: int, head_dim: i
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from medjax.attention_gpu import is_gpu_target
+  from medjax.model.attention_gpu import is_gpu_target
   on_gpu = is_gpu_target()
   r = np.random.default_rng(0)
   shapes = [(batch, seq, m, head_dim) for m in (heads, kv_heads, kv_heads)]

@@ -46,7 +46,7 @@ class MatmulPeak:
     self.fns = {"xla": xla}
     self.datasheet = None
     if jax.default_backend() != "cpu":  # the training metrics' table of vendor figures
-      from medjax.metrics import datasheet_peak
+      from medjax.training.metrics import datasheet_peak
       self.datasheet = datasheet_peak(jax.devices()[0].device_kind)
     if torch:
       try:
@@ -110,13 +110,22 @@ def device_info() -> str:
   d = jax.devices()[0]
   if d.platform != "cpu":
     return f"{jax.device_count()} x {d.device_kind}"
-  model = platform.processor() or platform.machine()
+  model, flags = platform.processor() or platform.machine(), set()
   try:
     with open("/proc/cpuinfo") as f:
-      model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+      info = f.read().splitlines()
+    model = next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
+    flags = set(next(ln.split(":", 1)[1] for ln in info if ln.startswith("flags")).split())
   except (OSError, StopIteration):
     pass
-  return f"CPU, {os.cpu_count()} cores ({model})"
+  # XLA:CPU and PyTorch pick their matmul kernels by vector ISA: AMD and Intel hosts of the
+  # same core count differ (e.g. AMX on Intel), so the ISA is part of every CPU figure.
+  isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"),
+                                 ("AVX-512 BF16", "avx512_bf16"), ("AMX", "amx_tile"))
+         if flag in flags]
+  xla = os.environ.get("XLA_FLAGS", "").strip()
+  return (f"CPU, {os.cpu_count()} cores ({model}; {', '.join(isa) or 'no AVX2'})"
+          + (f", XLA_FLAGS={xla}" if xla else ""))
 
 
 def commit() -> str:

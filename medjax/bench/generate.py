@@ -12,7 +12,7 @@ def bench_generate(s: dict, new_tokens: int, batch: int, prompt_len: int, reps: 
                    compare_hf: bool) -> dict:
   import jax
   import numpy as np
-  from medjax import generate as gen
+  from medjax.evaluation import generate as gen
   cfg = s["cfg"]
   rng = np.random.default_rng(1)
   prompts = [[cfg.bos_token_id] + rng.integers(3, cfg.vocab_size, prompt_len - 1).tolist()
@@ -21,7 +21,7 @@ def bench_generate(s: dict, new_tokens: int, batch: int, prompt_len: int, reps: 
     hf, params = hf_model(s)
     hf.eval()
   else:
-    from medjax import model as model_lib
+    from medjax.model import llama as model_lib
     params, hf = model_lib.init_params(cfg, jax.random.PRNGKey(0)), None
   params = jax.device_put(params)
 
@@ -79,7 +79,7 @@ def _layer_weights(cfg, params) -> list[dict]:
 class WeightFloor:
   """A decode step reduced to its weight matmuls: the same weights and batch, chained
   through every layer's projections and the head, then the greedy argmax and the next
-  token's embedding, as `medjax.generate` does, in one jitted loop of `steps` steps; no
+  token's embedding, as `medjax.evaluation.generate` does, in one jitted loop of `steps` steps; no
   attention, norms, RoPE or KV cache. Reading the weights is what a decode step at a small
   batch cannot avoid; this is how fast XLA's matmuls do it here. `read()` times a plain XLA
   sum over the same bytes (the machine's read bandwidth).
@@ -93,7 +93,7 @@ class WeightFloor:
     import jax
     import jax.numpy as jnp
     dt = jnp.dtype(cfg.dtype)
-    from medjax import generate as gen
+    from medjax.evaluation import generate as gen
     layers = _layer_weights(cfg, params)
     emb = params["embedding"]
     head = emb if cfg.tie_word_embeddings else params["lm_head"]

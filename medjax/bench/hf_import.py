@@ -23,8 +23,10 @@ def write_synthetic_hf(cfg, out_dir: str, shard_bytes: int) -> list[str]:
   import json
   import jax
   import numpy as np
-  from medjax import config as config_lib, convert, model as model_lib, modeldir
-  shapes = modeldir.flatten(jax.eval_shape(
+  from medjax.checkpoints import convert, hf_config
+  from medjax.model import llama as model_lib
+  from medjax.model import params as params_lib
+  shapes = params_lib.flatten(jax.eval_shape(
       lambda: model_lib.init_params(cfg.replace(scan_layers=False), jax.random.PRNGKey(0))))
   rng = np.random.default_rng(0)
 
@@ -36,7 +38,7 @@ def write_synthetic_hf(cfg, out_dir: str, shard_bytes: int) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   names = convert.write_hf_weights(cfg, out_dir, get, np.float32, shard_bytes)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_lib.to_hf_dict(cfg), f)
+    json.dump(hf_config.to_hf_dict(cfg), f)
   return [os.path.join(out_dir, n) for n in names]
 
 
@@ -54,7 +56,7 @@ def _child_rss(cmd: list[str]) -> tuple[float, int, str]:
 
 
 def bench_import(shape: str, shard_mb: float, workdir: str | None = None) -> dict:
-  from medjax import config as config_lib
+  from medjax.model import config as config_lib
   cfg = config_lib.LlamaConfig(max_position_embeddings=4096, **IMPORT_SHAPES[shape])
   with tempfile.TemporaryDirectory(dir=workdir) as tmp:
     hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "medjax")
@@ -63,7 +65,8 @@ def bench_import(shape: str, shard_mb: float, workdir: str | None = None) -> dic
     write_s = time.perf_counter() - t
     sizes = [os.path.getsize(p) for p in shards]
     base_s, base_rss, _ = _child_rss([sys.executable, "-c",
-                                      "import medjax.cli, medjax.convert_cli, medjax.hf"])
+                                      "import medjax.cli.main, medjax.cli.convert, "
+                                      "medjax.checkpoints.hf_import"])
     wall, rss, out = _child_rss([sys.executable, "-m", "medjax.cli", "import-hf", hf_dir,
                                  out_dir])
     ckpt = sum(f.stat().st_size for f in Path(out_dir).rglob("*") if f.is_file())

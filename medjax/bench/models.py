@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+from medjax.assets import asset_path
+
 # name -> model fields, train batch x seq, data ("random" tokens or the shipped "medical" text).
 # 50m: 8 x (d512, f1408) layers + two 32000 x 512 tables = 58.6M params (50% embeddings).
 SHAPES = {
@@ -35,15 +37,15 @@ def on_accelerator() -> bool:
 def make_shape(name: str, args) -> dict:
   """The shape's config with the command line's overrides. Off CPU the defaults are bf16
   activations (f32 weights and optimizer) and attention 'auto' (cuDNN on GPU)."""
-  from medjax import config as config_lib
+  from medjax.checkpoints import hf_config
   from medjax.errors import ConfigError
+  from medjax.model import config as config_lib
   if name not in SHAPES:
     raise ConfigError(f"--shape {name!r}: expected one of {', '.join(SHAPES)}")
   s = dict(SHAPES[name])
   if "hf_dir" in s:
-    from medjax import data as data_lib  # grain: only the shipped-model shapes need it
-    s["hf_dir"] = str(data_lib.asset_path(s["hf_dir"].split(":", 1)[1]))
-    cfg = config_lib.load_hf_config(s["hf_dir"])
+    s["hf_dir"] = str(asset_path(s["hf_dir"].split(":", 1)[1]))
+    cfg = hf_config.load_hf_config(s["hf_dir"])
   else:
     cfg = config_lib.LlamaConfig(max_position_embeddings=4096, **s["model"])
   over = {k: v for k, v in (("hidden_size", args.width), ("num_hidden_layers", args.layers))
@@ -73,14 +75,15 @@ def hf_model(s: dict, seed: int = 0):
   import numpy as np
   import torch
   import transformers
-  from medjax import config as config_lib, convert, modeldir
+  from medjax.checkpoints import convert, hf_config
+  from medjax.model import params as params_lib
   cfg = s["cfg"]
   torch.manual_seed(seed)
   if "hf_dir" in s:
     m = transformers.LlamaForCausalLM.from_pretrained(s["hf_dir"], dtype=torch.float32,
                                                       attn_implementation="sdpa")
   else:
-    hcfg = transformers.LlamaConfig(**{k: v for k, v in config_lib.to_hf_dict(cfg).items()
+    hcfg = transformers.LlamaConfig(**{k: v for k, v in hf_config.to_hf_dict(cfg).items()
                                        if k not in ("architectures", "torch_dtype")},
                                     attn_implementation="sdpa")
     m = transformers.LlamaForCausalLM(hcfg)
@@ -89,7 +92,7 @@ def hf_model(s: dict, seed: int = 0):
     hit = convert.lookup(key)
     if hit is not None and not (cfg.tie_word_embeddings and key == "lm_head.weight"):
       flat[hit[0]] = np.array(convert.to_medjax(cfg, hit[1], w.detach().float().numpy()))
-  params = modeldir.to_layout(modeldir.unflatten(flat), cfg)
+  params = params_lib.to_layout(params_lib.unflatten(flat), cfg)
   return m.to(torch_device()), params
 
 
@@ -105,11 +108,11 @@ def train_batches(s: dict, n: int, seed: int = 0) -> list[dict]:
       ids = rng.integers(3, cfg.vocab_size, (b, t + 1), dtype=np.int32)
       out.append({"inputs": ids[:, :-1], "targets": ids[:, 1:]})
   else:
-    from medjax import corpus, data as data_lib
-    from medjax.tokenizer import Tokenizer
+    from medjax.data import corpus, pipeline  # grain: only the shipped-model shapes need it
+    from medjax.data.tokenizer import Tokenizer
     tok = Tokenizer(os.path.join(s["hf_dir"], "tokenizer.model"))
-    texts = corpus.read_texts([data_lib.asset_path("medical_text_sample.csv")])
-    it = data_lib.make_cpt_iterator(texts, tok, t, b, seed=seed, num_threads=0)
+    texts = corpus.read_texts([asset_path("medical_text_sample.csv")])
+    it = pipeline.make_cpt_iterator(texts, tok, t, b, seed=seed, num_threads=0)
     out = [{k: next_b[k] for k in ("inputs", "targets")} for next_b in
            (next(it) for _ in range(n))]
   for x in out:
@@ -131,13 +134,14 @@ class MedjaxTrainer:
 
   def __init__(self, cfg, params, steps: int, lr: float | None = None):
     import jax
-    from medjax import sharding, train_step as ts
+    from medjax.parallel import sharding
+    from medjax.training import optim, state, step
     self.cfg = cfg
     pshape = jax.eval_shape(lambda: params)
-    self.opt, self.sched = ts.make_optimizer(optim_config(steps, lr), cfg, pshape)
+    self.opt, self.sched = optim.make_optimizer(optim_config(steps, lr), cfg, pshape)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    self.state, shardings = sharding.shard_params_state(params, cfg, self.opt, mesh)
-    self.step_fn = sharding.jit_train_step(cfg, self.opt, self.sched, mesh, shardings)
+    self.state, shardings = state.shard_params_state(params, cfg, self.opt, mesh)
+    self.step_fn = step.jit_train_step(cfg, self.opt, self.sched, mesh, shardings)
     self.bsh = sharding.batch_sharding(mesh)
     self.compile_s = None
 
@@ -165,7 +169,7 @@ class HFTrainer:
   def __init__(self, model, steps: int, dtype: str = "float32", lr: float | None = None):
     import contextlib
     import torch
-    from medjax import train_step as ts
+    from medjax.training import optim
     self.m = model.train()
     self.device = next(model.parameters()).device
     cuda = self.device.type == "cuda"
@@ -178,7 +182,7 @@ class HFTrainer:
         [{"params": decay, "weight_decay": o.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, **({"fused": True} if cuda else {}))
-    sched = ts.learning_rate_schedule(o)
+    sched = optim.learning_rate_schedule(o)
     # optax evaluates the schedule at the update count (0 first), as LambdaLR does.
     lrs = [float(sched(i)) / o.lr for i in range(steps + 2)]
     self.lr = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: lrs[min(i, len(lrs) - 1)])

@@ -37,7 +37,7 @@ def bench_train(s: dict, steps: int, compare_hf: bool, warmup: int = 1, log=prin
     hft = HFTrainer(hf, steps, cfg.dtype, s.get("lr"))
   else:
     import jax
-    from medjax import model as model_lib
+    from medjax.model import llama as model_lib
     params, hft = model_lib.init_params(cfg, jax.random.PRNGKey(0)), None
   mj = MedjaxTrainer(cfg, params, steps, s.get("lr"))
   del params
@@ -81,7 +81,8 @@ def bench_breakdown(cfg, params, batch: dict, reps: int = 5) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from medjax import model, train_step as ts
+  from medjax.model import llama as model
+  from medjax.training import step as ts
   b = jax.device_put(batch)
   grad = lambda c: jax.jit(jax.value_and_grad(functools.partial(ts.loss_sums, cfg=c),
                                               has_aux=True))

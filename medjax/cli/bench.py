@@ -1,0 +1,178 @@
+"""`medjax bench`: medjax side by side with Hugging Face, in one process, alternately.
+
+  medjax bench train --shape 50m --compare-hf --steps 16 --block 4   # tokens/s, MFU, ratio
+  medjax bench train --shape demo --compare-hf --steps 200   # TinyStories-260K CPT, losses too
+  medjax bench train --shape demo --compare-hf --breakdown   # + the step's parts timed alone
+  medjax bench generate --shape 50m --compare-hf   # greedy decoding tokens/s, batch 8, floor
+  medjax bench train --shape 7b --layers 8 --compare-hf --steps 12 --block 3   # on a GPU
+  medjax bench attention                           # fwd+bwd of each attention implementation
+  medjax bench data                                # packed CPT pipeline tokens/s
+  medjax bench import                              # HF -> medjax of a ~1 GB model: time, RSS
+  medjax bench safetensors                         # medjax's reader vs the safetensors package
+  medjax bench fit                                 # `medjax fit` on the paper's TPU slices
+  medjax bench scaling                             # tokens/s vs sequence length and width
+
+The machine is shared by whatever else runs, so the two sides are timed in turn (single
+steps, or blocks of steps with `--block`) and compared by ratio; the matmul peaks of XLA
+and PyTorch (f32 on CPU, bf16 on a GPU) are measured the same way in the same run. On a GPU
+both sides share the device: f32 weights and AdamW, bf16 activations (torch: autocast,
+sdpa attention, fused AdamW), cuDNN attention for medjax. Compilation and warm-up are timed
+separately, never in the rates. Each run appends its figures, the device, date, commit and
+exact command to `benchmarks/RESULTS.md` (`--no-record` to skip, `--results FILE` elsewhere).
+
+`medjax.bench` has one module per subcommand (train, generate, attention, hf_import,
+fit_table, scaling); `models` holds the shapes, weights, batches and the two trainers they
+share, `common` the matmul peaks and the results file. This module is the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from medjax.bench.attention import attention_lines, bench_attention
+from medjax.bench.common import RESULTS, record
+from medjax.bench.fit_table import bench_fit, fit_lines
+from medjax.bench.generate import bench_generate, generate_lines
+from medjax.bench.hf_import import IMPORT_SHAPES, bench_import, import_lines
+from medjax.bench.models import SHAPES, make_shape
+from medjax.bench.safetensors_read import bench_safetensors, safetensors_lines
+from medjax.bench.scaling import bench_scaling, scaling_lines
+from medjax.bench.train import bench_breakdown, bench_train, breakdown_lines, train_lines
+from medjax.model.config import ATTENTION
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+  sub = parser.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+
+  def common(p, shape="50m"):
+    p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--results", help=f"results file (default {RESULTS})")
+    p.add_argument("--note", default="", help="a note for the device line, e.g. 'shared'")
+    if shape:
+      p.add_argument("--shape", default=shape, choices=list(SHAPES))
+      p.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
+      p.add_argument("--seq-len", type=int, help="tokens per row (default: the shape's)")
+      p.add_argument("--width", type=int, help="hidden size (random shapes; mlp = 8/3 width)")
+      p.add_argument("--layers", type=int, help="number of layers (random shapes)")
+      p.add_argument("--attention", choices=list(ATTENTION), default=None,
+                     help="default: the shape's (einsum); auto off CPU (cuDNN on GPU)")
+      p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                     help="activations (weights and AdamW stay f32); default f32 on CPU, "
+                          "bf16 elsewhere")
+
+  t = sub.add_parser("train", help="train steps: medjax vs transformers + torch AdamW")
+  common(t)
+  t.add_argument("--steps", type=int, default=6, help="steps per side, warm-up included")
+  t.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+  t.add_argument("--block", type=int, default=None,
+                 help="steps per side before switching (default 5 from 20 steps, else 1)")
+  t.add_argument("--compare-hf", action="store_true")
+  t.add_argument("--breakdown", action="store_true",
+                 help="also time the model's parts alone: head and loss, attention, the rest")
+
+  g = sub.add_parser("generate", help="greedy decoding: medjax vs transformers' generate")
+  common(g)
+  g.add_argument("--new-tokens", type=int, default=64)
+  g.add_argument("--prompt-len", type=int, default=16)
+  g.add_argument("--reps", type=int, default=3)
+  g.add_argument("--compare-hf", action="store_true")
+
+  a = sub.add_parser("attention", help="fwd+bwd time of each attention implementation")
+  common(a, shape=None)
+  a.add_argument("--batch", type=int, default=1)
+  a.add_argument("--seq-len", type=int, default=4096)
+  a.add_argument("--heads", type=int, default=32)
+  a.add_argument("--kv-heads", type=int, default=32)
+  a.add_argument("--head-dim", type=int, default=128)
+  a.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+  a.add_argument("--reps", type=int, default=10)
+
+  d = sub.add_parser("data", help="packed CPT pipeline tokens/s per process")
+  common(d, shape=None)
+  d.add_argument("--seq-len", type=int, default=2048)
+  d.add_argument("--batch-size", type=int, default=8)
+  d.add_argument("--batches", type=int, default=200)
+
+  i = sub.add_parser("import", help="HF -> medjax import of a synthetic model: time, RSS")
+  common(i, shape=None)
+  i.add_argument("--size", choices=list(IMPORT_SHAPES), default="1gb")
+  i.add_argument("--shard-mb", type=float, default=768,
+                 help="HF shard size (default: as Llama-2-7b-hf, largest shard ~3/4 model)")
+  i.add_argument("--tmp", help="where to write the synthetic checkpoint (default $TMPDIR)")
+
+  st = sub.add_parser("safetensors", help="reading safetensors: medjax's reader vs the package")
+  common(st, shape=None)
+  st.add_argument("--tensors", type=int, default=16)
+  st.add_argument("--tensor-mib", type=int, default=64)
+  st.add_argument("--reps", type=int, default=3)
+  st.add_argument("--tmp", help="where to write the file (default $TMPDIR)")
+
+  f = sub.add_parser("fit", help="`medjax fit` on the paper's TPU slices")
+  common(f, shape=None)
+  f.add_argument("--quick", action="store_true", help="one tiny case (for tests)")
+
+  c = sub.add_parser("scaling", help="medjax tokens/s vs sequence length and width")
+  common(c)
+  c.add_argument("--seqs", default="512,1024,2048,4096")
+  c.add_argument("--widths", default="256,512,768,1024")
+  c.add_argument("--tokens-per-step", type=int, default=4096)
+  c.add_argument("--steps", type=int, default=3)
+  c.add_argument("--warmup", type=int, default=1)
+
+
+def run(args: argparse.Namespace) -> int:
+  cmd = args.bench_command
+  if cmd == "fit" and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # CPU stand-in devices for the slice when libtpu is absent; before jax starts.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=32").strip()
+  # Both libraries share a GPU in one process: jax must not take 75% of it up front.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  if cmd in ("train", "generate", "scaling"):
+    s = dict(make_shape(args.shape, args), name=args.shape)
+  if cmd == "train":
+    r = bench_train(s, args.steps, args.compare_hf, args.warmup, block=args.block)
+    lines = train_lines(s, r)
+    if args.breakdown:
+      bd = bench_breakdown(s["cfg"], r["params"], r["batch"])
+      lines += breakdown_lines(s["cfg"], r, bd)
+    record(args, f"train --shape {args.shape}", lines)
+  elif cmd == "generate":
+    b = args.batch or 8
+    r = bench_generate(s, args.new_tokens, b, args.prompt_len, args.reps, args.compare_hf)
+    record(args, f"generate --shape {args.shape}",
+           generate_lines(s, r, args.new_tokens, b, args.prompt_len))
+  elif cmd == "attention":
+    shape = (args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, args.dtype)
+    record(args, "attention", attention_lines(bench_attention(*shape, args.reps), *shape))
+  elif cmd == "data":
+    from medjax.assets import asset_path
+    from medjax.data import corpus, preview
+    from medjax.data.tokenizer import Tokenizer
+    tok = Tokenizer(asset_path("tinystories-260k/tokenizer.model"))
+    texts = corpus.read_texts([asset_path("medical_text_sample.csv")])
+    r = preview.bench_data(texts, tok, args.seq_len, args.batch_size, args.batches)
+    record(args, "data", [
+        f"packed CPT pipeline (shipped medical sample, TinyStories tokenizer), batch "
+        f"{r['batch_size']} x seq {r['seq_len']}, {r['num_batches']} batches, one process:",
+        f"  tokenize {r['tokenize_tokens_per_s']:,} tokens/s ({r['num_tokens']:,} tokens, "
+        f"{r['num_docs']} docs); pipeline {r['pipeline_tokens_per_s']:,} tokens/s; "
+        f"end to end {r['end_to_end_tokens_per_s']:,} tokens/s"])
+  elif cmd == "import":
+    r = bench_import(args.size, args.shard_mb, args.tmp)
+    record(args, f"import --size {args.size}", import_lines(args.size, r))
+  elif cmd == "safetensors":
+    r = bench_safetensors(args.tensors, args.tensor_mib, args.reps, args.tmp)
+    record(args, "safetensors", safetensors_lines(r))
+  elif cmd == "fit":
+    record(args, "fit", fit_lines(bench_fit(args.quick)))
+  elif cmd == "scaling":
+    seqs = [int(x) for x in args.seqs.split(",") if x]
+    widths = [int(x) for x in args.widths.split(",") if x]
+    rows = bench_scaling(args, seqs, widths, args.tokens_per_step, args.steps)
+    record(args, f"scaling --shape {args.shape}", [
+        f"medjax training, {args.tokens_per_step} tokens per step, f32 "
+        f"(rows 1-{len(seqs)}: seq varies at width {s['cfg'].hidden_size}; then width "
+        f"varies at seq {SHAPES[args.shape]['seq']}; mlp = 8/3 width)", *scaling_lines(rows)])
+  return 0

@@ -1,0 +1,24 @@
+"""`medjax demo`: the paper's pipeline in miniature (`medjax.demo.pipeline`)."""
+
+from __future__ import annotations
+
+
+def add_args(p):
+  p.add_argument("--workdir", default="medjax-demo",
+                 help="where all artifacts go (default ./medjax-demo); finished steps are reused")
+  p.add_argument("--quick", action="store_true",
+                 help="smaller settings (about 2 minutes on a 2-core CPU)")
+  p.add_argument("--base", default=None,
+                 help="Hugging Face Llama dir to start from (default: shipped TinyStories-260K)")
+  p.add_argument("--corpus", nargs="+", default=None, metavar="FILE",
+                 help="medical text files/folders (.csv/.txt/.jsonl; default: shipped sample)")
+  p.add_argument("--cmexam", default=None, metavar="FILE",
+                 help="CMExam CSV (default: the shipped 1,200-question sample)")
+  p.add_argument("--redo", action="store_true", help="rerun every step, ignoring finished ones")
+
+
+def run(args):
+  from medjax.demo.pipeline import run_demo
+  run_demo(args.workdir, quick=args.quick, base=args.base, corpus_paths=args.corpus,
+           cmexam_path=args.cmexam, redo=args.redo)
+  return 0

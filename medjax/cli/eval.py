@@ -1,0 +1,112 @@
+"""`medjax generate` and `medjax eval`: load a checkpoint and its tokenizer, then run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from medjax.errors import MedjaxError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True,
+                 help="an HF Llama dir, a medjax checkpoint, or a training workdir (newest)")
+  p.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
+  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+
+
+def _load(args):
+  """(loaded model, tokenizer); a MedjaxError names the checkpoint when it has no tokenizer."""
+  import medjax
+  from medjax.data.tokenizer import Tokenizer
+  overrides = {"dtype": args.dtype} if args.dtype else {}
+  loaded = medjax.load(args.checkpoint, **overrides)
+  path = args.tokenizer or loaded.tokenizer_path
+  if not path:
+    raise MedjaxError(f"{args.checkpoint}: checkpoint has no tokenizer.model; pass "
+                      "--tokenizer PATH")
+  tok = Tokenizer(path)
+  if tok.vocab_size > loaded.cfg.vocab_size:
+    raise MedjaxError(f"{path}: tokenizer has {tok.vocab_size} pieces but the model "
+                      f"{args.checkpoint} has vocab_size={loaded.cfg.vocab_size}")
+  return loaded, tok
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def generate_add_args(p: argparse.ArgumentParser) -> None:
+  _add_model_args(p)
+  p.add_argument("--prompt", action="append", required=True,
+                 help="prompt text (repeat for a batch)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+
+
+def generate_run(args) -> int:
+  from medjax.evaluation.generate import generate_text
+  loaded, tok = _load(args)
+  outs = generate_text(loaded, tok, args.prompt, args.max_new_tokens, args.temperature,
+                       args.top_p, args.seed)
+  for prompt, out in zip(args.prompt, outs):
+    print(prompt + out)
+    if len(args.prompt) > 1:
+      print("-" * 40)
+  return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+  _add_model_args(p)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--cmexam", metavar="FILE.csv", help="CMExam CSV to score")
+  src.add_argument("--text", metavar="FILE", help="text file/folder for perplexity "
+                   "(documents as in medjax.data.corpus: blank lines or <|endoftext|> lines)")
+  p.add_argument("--method", choices=("loglik", "generate"), default="loglik")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--limit", type=int, help="evaluate only the first N questions/documents")
+  p.add_argument("--max-len", type=int, help="longest sequence (default: the model's)")
+  p.add_argument("--max-new-tokens", type=int, default=16, help="for --method generate")
+  p.add_argument("--out", help="write the results JSON here")
+
+
+def run(args) -> int:
+  from medjax.evaluation import exam, scoring
+  if args.limit is not None and args.limit < 1:
+    raise MedjaxError(f"--limit {args.limit}: must be >= 1")
+  if args.batch_size < 1:
+    raise MedjaxError(f"--batch-size {args.batch_size}: must be >= 1")
+  if args.cmexam:
+    from medjax.data.cmexam import read_cmexam
+    questions, problems = read_cmexam(args.cmexam)  # read first: fail fast on a bad file
+    loaded, tok = _load(args)
+    questions = questions[: args.limit] if args.limit else questions
+    for pr in problems:
+      print(f"skipped row: {pr}")
+    res = exam.evaluate_cmexam(
+        loaded.cfg, loaded.params, tok, questions, args.batch_size, args.method, problems,
+        args.max_new_tokens, args.max_len, progress=True, return_predictions=bool(args.out))
+    res.update(checkpoint=args.checkpoint, data=args.cmexam)
+    print(exam.markdown_table(res))
+  else:
+    from medjax.data.corpus import read_texts
+    texts = read_texts(args.text)
+    loaded, tok = _load(args)
+    texts = texts[: args.limit] if args.limit else texts
+    res = scoring.perplexity(loaded.cfg, loaded.params, tok, texts, args.batch_size,
+                             args.max_len, progress=True)
+    res.update(checkpoint=args.checkpoint, data=args.text)
+    print("| documents | tokens | mean NLL | perplexity |\n|---:|---:|---:|---:|\n"
+          f"| {res['documents']} | {res['tokens']} | {res['nll']:.4f} | "
+          f"{res['perplexity']:.3f} |")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(res, f, ensure_ascii=False, indent=1)
+    print(f"wrote {args.out}")
+  return 0

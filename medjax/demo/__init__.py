@@ -1,0 +1,1 @@
+"""`medjax demo`: the paper's pipeline in miniature on the shipped samples."""

@@ -1,0 +1,256 @@
+"""The training loop of `medjax train`: continued pretraining (task=cpt) and CMExam SFT (sft).
+
+One linear `main(config, workdir)` in sections: mesh, model, data, state, step, checkpoint,
+loop. Rerunning the same command resumes from the newest good checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+
+from medjax.assets import resolve
+from medjax.checkpoints import manager as ckpt_lib
+from medjax.checkpoints import sources
+from medjax.data import from_config
+from medjax.data.tokenizer import Tokenizer
+from medjax.errors import CheckpointError, ConfigError, DataError
+from medjax.model import config as config_lib
+from medjax.model import llama as model_lib
+from medjax.model import params as params_lib
+from medjax.parallel import distributed, sharding
+from medjax.training import config as runconfig
+from medjax.training import evals as evals_lib
+from medjax.training import metrics as metrics_lib
+from medjax.training import optim
+from medjax.training import state as state_lib
+from medjax.training import step as ts
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+class _Preemption:
+  """SIGTERM (TPU preemption, `kill`) sets a flag; the loop checkpoints and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._prev = None
+
+  def __enter__(self):
+    try:
+      self._prev = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. some test runners)
+      self._prev = None
+    return self
+
+  def _handler(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+
+def main(c, workdir: str) -> dict:
+  """Runs (or resumes) a training job; returns the last logged metrics."""
+  runconfig.validate(c)
+  _no_gs("--workdir", workdir)
+  distributed.initialize()
+
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  rules = runconfig.rules(c)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if c.batch_size % (dp * c.accum_steps) or c.batch_size % jax.process_count():
+    raise ConfigError(f"batch_size={c.batch_size} must be divisible by data*fsdp={dp} times "
+                      f"accum_steps={c.accum_steps}, and by the {jax.process_count()} processes")
+
+  # ---------------------------------------------------------------- model
+  # Weights stream onto the mesh as they are read (import-hf dir, HF dir or workdir).
+  cfg, init_params, tok_path = sources.build_model(
+      c.init_from, c.model, c.model_overrides.to_dict(), c.seed,
+      place=lambda cfg: params_lib.param_shardings(cfg, mesh, rules))
+  tok_path = resolve(c.data.tokenizer) if c.data.tokenizer else tok_path
+  if not tok_path:
+    raise ConfigError("data.tokenizer: no tokenizer given and the init checkpoint has none")
+  tokenizer = Tokenizer(tok_path)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ConfigError(f"data.tokenizer {tok_path}: vocabulary {tokenizer.vocab_size} is larger "
+                      f"than the model's embedding table ({cfg.vocab_size}); resize the "
+                      "checkpoint first (`medjax tokenizer resize`)")
+  if c.data.seq_len > cfg.max_position_embeddings:
+    raise ConfigError(f"data.seq_len={c.data.seq_len} exceeds the model's "
+                      f"max_position_embeddings={cfg.max_position_embeddings}")
+
+  _log(f"mesh {dict(mesh.shape)}  devices {jax.device_count()} ({jax.devices()[0].platform})  "
+       f"model {cfg.num_params() / 1e6:.2f}M params")
+
+  # ---------------------------------------------------------------- data
+  train_it, val_source = from_config.make_data(c, tokenizer, _log)
+
+  # ---------------------------------------------------------------- state
+  frozen = tuple(x.strip() for x in c.frozen.split(",") if x.strip())
+  pshape = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
+  optimizer, schedule = optim.make_optimizer(runconfig.optim(c), cfg, pshape, frozen)
+  st_shard = sharding.tree_shardings(mesh, state_lib.state_axes(cfg, optimizer, c.seed), rules)
+  if init_params is None:
+    make = lambda: state_lib.init_state(model_lib.init_params(cfg, jax.random.PRNGKey(c.seed)),
+                                 optimizer, c.seed)
+    state_fn = jax.jit(make, out_shardings=st_shard)
+    init_args = ()
+  else:
+    state_fn = jax.jit(lambda p: state_lib.init_state(p, optimizer, c.seed),
+                       in_shardings=(st_shard["params"],), out_shardings=st_shard)
+    init_args = (jax.device_put(init_params, st_shard["params"]),)
+  abstract = jax.eval_shape(state_fn, *init_args)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, st_shard)
+
+  # ---------------------------------------------------------------- checkpoint
+  # The workdir is created only now, once the config, model and data have been checked,
+  # so bad input leaves nothing behind.
+  _make_workdir(workdir)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
+  saved = ckpt_lib.SavedState(cfg)  # LoRA: the frozen base is not written (see there)
+  # first: a workdir of another model is refused
+  restored = ckpt.restore_latest(saved.select(abstract))
+  save_run_files(c, cfg, tok_path, workdir)
+  if restored is not None:
+    start, state, data_state = restored
+    if saved.partial:  # the base comes from init_from, as at the start of the run
+      state = saved.complete(state, state_fn(*init_args))
+    if data_state:
+      train_it.set_state(data_state)
+    _log(f"resumed from {ckpt.directory}/{start}")
+  else:
+    state = state_fn(*init_args)
+    start = 0
+  metrics_lib.trim_metrics(workdir, start)  # drop what a crash logged after the checkpoint
+  del init_params, init_args
+
+  # ---------------------------------------------------------------- step
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step_fn = functools.partial(ts.train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
+                              accum_steps=c.accum_steps)
+  with sharding.activate(mesh, rules):
+    train = jax.jit(step_fn, in_shardings=(st_shard, batch_sharding),
+                    out_shardings=(st_shard, None), donate_argnums=0)
+    evaluate = jax.jit(functools.partial(ts.eval_step, cfg=cfg),
+                       in_shardings=(st_shard["params"], batch_sharding))
+
+  def run_eval(params) -> dict:
+    out = {}
+    if val_source is not None:
+      tot, cnt = 0.0, 0.0
+      for i, b in enumerate(from_config.val_batches(c, val_source, tokenizer)):
+        if i >= c.eval_batches:
+          break
+        with sharding.activate(mesh, rules):
+          l, n = evaluate(params, distributed.global_batch(b, mesh, batch_sharding))
+        tot, cnt = tot + float(l), cnt + float(n)
+      if cnt:
+        out["val_loss"] = tot / cnt
+        out["val_ppl"] = float(np.exp(out["val_loss"]))
+    out.update(evals_lib.extra_evals(c, cfg, params, tokenizer))
+    return out
+
+  # ---------------------------------------------------------------- loop
+  logger = metrics_lib.Logger(workdir, cfg, c, total=c.total_steps, start=start)
+  pending, last = [], {}
+  skipped_at_start = int(jax.device_get(state["skipped"]))
+  try:
+    with _Preemption() as preempt:
+      step = start
+      while step < c.total_steps:
+        try:
+          local = next(train_it)
+        except StopIteration:
+          _log("data exhausted")
+          break
+        state, m = train(state, distributed.global_batch(local, mesh, batch_sharding))
+        step += 1
+        pending.append(m)  # fetched every log_every steps, so the host never waits per step
+        if step % c.log_every == 0 or step == c.total_steps or preempt.requested:
+          fetched = jax.device_get(pending)
+          pending = []
+          if c.nan_policy == "stop" and not all(bool(f["finite"]) for f in fetched):
+            _stop_nonfinite(step, ckpt)
+          last = logger.log(step, fetched, skipped=int(jax.device_get(state["skipped"])))
+        evals = {}
+        if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
+          evals = run_eval(state["params"])
+          logger.log_eval(step, evals)
+          last.update(evals)
+          logger.reset_clock()  # tokens/s and MFU measure training, not evaluation
+        if step % c.checkpoint_every == 0 or step == c.total_steps or preempt.requested:
+          # nan_policy=stop: never checkpoint past a skipped step, even between log steps.
+          if c.nan_policy == "stop" and int(jax.device_get(state["skipped"])) > skipped_at_start:
+            _stop_nonfinite(step, ckpt)
+          ckpt.save(step, saved.select(state), train_it.get_state(),
+                    {"step": step, **_floats(last), **evals})
+        if preempt.requested:
+          ckpt.wait()
+          _log(f"SIGTERM: checkpoint at step {step} written; exiting")
+          break
+    ckpt.close()  # waits for the last save: a failed write is raised here
+  except BaseException:  # no save left running, no tmp dir left behind, a clean error
+    ckpt.abort()
+    logger.close()
+    raise
+  logger.close()
+  return last
+
+
+def _stop_nonfinite(step: int, ckpt) -> None:
+  ckpt.wait()
+  good = ckpt.all_steps()
+  where = f"{ckpt.directory}/{good[-1]}" if good else "none written yet"
+  raise DataError(f"non-finite loss or gradient at or before step {step} (nan_policy=stop; "
+                  f"it was not applied); last checkpoint: {where}")
+
+
+def _no_gs(name: str, path: str) -> None:
+  # Orbax writes gs:// itself, but the data readers, run files and metrics use local file
+  # I/O; on TPU VMs the bucket is mounted with gcsfuse instead (scripts/tpu_install.sh).
+  if path.startswith("gs://"):
+    raise ConfigError(f"{name} {path}: gs:// paths are not opened directly; mount the bucket "
+                      "with gcsfuse and pass /gcs/BUCKET/... (scripts/tpu_install.sh does)")
+
+
+def _make_workdir(workdir: str) -> None:
+  """Creates the workdir and checks it is writable, with an error naming it (main has
+  already refused gs://)."""
+  probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # hosts share the dir
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"--workdir {workdir}: not writable ({e.strerror or e})") from None
+
+
+def _floats(d: dict) -> dict:
+  return {k: float(v) for k, v in d.items() if isinstance(v, (int, float, np.floating))}
+
+
+def save_run_files(c, cfg: config_lib.LlamaConfig, tokenizer: str, workdir: str) -> None:
+  """The resolved config, model config and tokenizer, so the workdir is a loadable model."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "run_config.json"), "w") as f:
+    json.dump(c.to_dict(), f, indent=1, default=str)
+  with open(os.path.join(workdir, "model_config.json"), "w") as f:
+    f.write(config_lib.to_json(cfg))
+  dst = os.path.join(workdir, "tokenizer.model")
+  if os.path.abspath(tokenizer) != os.path.abspath(dst):
+    shutil.copyfile(tokenizer, dst)
