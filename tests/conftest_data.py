@@ -7,9 +7,9 @@ import pytest
 # The development data lives next to the repo, not in it: a user's clone has no shared/.
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LLAMA_TOKENIZER = SHARED / "llama2-tokenizer" / "tokenizer.model"
-TINY_TOKENIZER = SHARED / "tinystories-260k" / "tokenizer.model"
 CMEXAM_CSV = SHARED / "cmexam" / "cmexam_val_part.csv"
 ASSETS = Path(__file__).resolve().parents[1] / "medjax" / "assets"
+TINY_TOKENIZER = ASSETS / "tinystories-260k" / "tokenizer.model"  # shipped
 
 
 def need(path: Path) -> Path:
@@ -21,10 +21,9 @@ def need(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tok():
-  """The 512-piece TinyStories tokenizer: shipped in assets, else from shared/."""
+  """The 512-piece TinyStories tokenizer, shipped in the package."""
   from medjax.data.tokenizer import Tokenizer
-  p = ASSETS / "tinystories-260k" / "tokenizer.model"
-  return Tokenizer(p if p.exists() else need(TINY_TOKENIZER))
+  return Tokenizer(TINY_TOKENIZER)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from medjax import cli
 from medjax.checkpoints import hf_export, hf_import, modeldir
 from medjax.model import params as params_lib
 from medjax.errors import CheckpointError, ConfigError
-from hf_fixtures import hf_logits, make_hf_llama, need_shared
+from hf_fixtures import hf_logits, make_hf_llama, TINYSTORIES
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_import_export_import_is_bit_identical(tmp_path, hf_dir):
 
 
 def test_export_tokenizer_loads_with_autotokenizer(tmp_path):
-  d = need_shared()
+  d = TINYSTORIES
   transformers = pytest.importorskip("transformers")
   hf_import.import_hf(str(d), str(tmp_path / "ck"))
   hf_export.export_hf(str(tmp_path / "ck"), str(tmp_path / "out"))

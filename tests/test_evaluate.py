@@ -10,7 +10,7 @@ from medjax import cli
 from medjax.evaluation import exam as evaluate
 from medjax.evaluation import scoring
 from medjax.data.cmexam import Question, format_prompt, read_cmexam
-from hf_fixtures import make_hf_llama, need_shared
+from hf_fixtures import make_hf_llama, TINYSTORIES
 
 VOCAB = 97
 
@@ -248,7 +248,7 @@ def test_eval_cli_needs_a_tokenizer(tmp_path, capsys):
 
 def test_eval_and_generate_cli_with_real_tokenizer(tmp_path, capsys):
   import json
-  shared = need_shared()
+  shared = TINYSTORIES
   make_hf_llama(tmp_path / "ckpt", vocab=512)
   tok = str(shared / "tokenizer.model")
   csv = tmp_path / "mini.csv"
@@ -270,7 +270,7 @@ def test_eval_and_generate_cli_with_real_tokenizer(tmp_path, capsys):
 
 
 def test_scoring_under_transfer_guard(tiny):
-  """Training evaluates with jax_transfer_guard="disallow": only explicit copies allowed."""
+  """The training loop runs its evals under transfer_guard("disallow"): explicit copies only."""
   import jax
   _, m = tiny
   want = scoring.perplexity(m.cfg, m.params, CharTok(), DOCS, batch_size=2)

@@ -8,7 +8,7 @@ import pytest
 import medjax
 from medjax.evaluation import generate as gen
 from medjax.model import llama as model
-from hf_fixtures import make_hf_llama, need_shared
+from hf_fixtures import make_hf_llama, TINYSTORIES
 
 STORIES_PROMPT = [1, 403, 407, 261, 378]  # BOS + "Once upon a time"
 STORIES_GREEDY = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267,
@@ -148,7 +148,7 @@ def test_generate_under_transfer_guard(tiny):
 
 @pytest.mark.parametrize("overrides", [{}, {"scan_layers": True, "attention": "dot_product"}])
 def test_tinystories_reproduces_readme_greedy_reference(overrides):
-  d = need_shared()
+  d = TINYSTORIES
   m = medjax.load(str(d), **overrides)
   assert gen.generate(m.cfg, m.params, [STORIES_PROMPT], 40, eos_id=2) == [STORIES_GREEDY]
   # Batched with a longer and a shorter prompt, the row must not change.

@@ -8,7 +8,7 @@ import pytest
 import medjax
 from medjax.model import config
 from medjax.model import llama as model
-from hf_fixtures import hf_logits, make_hf_llama, need_shared
+from hf_fixtures import hf_logits, make_hf_llama, TINYSTORIES
 
 CASES = {
     "mha_untied": dict(heads=4, kv_heads=4, tie=False),
@@ -56,7 +56,7 @@ def test_padded_and_packed_inputs_match_transformers(tmp_path):
 
 
 def test_real_tinystories_matches_transformers():
-  d = need_shared()
+  d = TINYSTORIES
   transformers = pytest.importorskip("transformers")
   import torch
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
@@ -113,7 +113,13 @@ def test_bf16_compute_keeps_f32_params():
   hi = model.forward(cfg.replace(dtype="float32"), params, tokens)
   assert lo.dtype == jnp.float32
   err = float(jnp.abs(lo - hi).max())
-  assert 0 < err < 0.1, err  # bf16 really used, and still close
+  # bf16 keeps 8 significant bits: one rounding moves a value by up to 2**-8 of itself. The
+  # layers accumulate in f32, so the logits should be off by a few roundings of the largest
+  # logit (measured 1.2-1.5 of them over three seeds), not by a wrong computation (a bf16
+  # master copy of the weights or a dropped residual is off by 10-100x more). 0 < err shows
+  # the compute really ran in bf16.
+  bound = 4 * 2.0**-8 * float(jnp.abs(hi).max())
+  assert 0 < err < bound, (err, bound)
 
 
 @pytest.mark.parametrize("name,billions", [("llama2-7b", 6.738), ("llama2-13b", 13.016),

@@ -127,16 +127,17 @@ def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(campaign
   w = tmp_path / "w"
   shutil.copytree(ref_dir, w)
   shutil.rmtree(w / "checkpoints" / "24")  # as if the run had stopped at 21
-  # Arrays (1.4 MB) do not fit, small files do. keep_checkpoints=1 prunes only after a save
-  # has landed: 18 goes when the write of 24 begins, 21 stays.
+  # Arrays (1.4 MB) do not fit, small files do. Orbax deletes beyond keep_checkpoints=1 only
+  # once a newer save has been committed: 24 never is, so 18 and 21 both stay.
   r = resume(w, "--config.keep_checkpoints=1", fsize=512 << 10)
   last = r.stderr.strip().splitlines()[-1]
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
   assert last.startswith(f"medjax train: error: {w / 'checkpoints' / '24'}: checkpoint could "
                          "not be written (ValueError: File too large"), last
   assert last.endswith(f"the previous checkpoint {w / 'checkpoints' / '21'} is intact"), last
-  assert sorted(os.listdir(w / "checkpoints")) == ["21"]  # and no tmp dir is left
-  checkpoint.read_step(str(w / "checkpoints" / "21"))
+  assert sorted(os.listdir(w / "checkpoints")) == ["18", "21"]  # and no tmp dir is left
+  for s in (18, 21):
+    checkpoint.read_step(str(w / "checkpoints" / str(s)))
 
 
 def test_nan_batch_skipped_in_the_training_loop(cache, tmp_path):
@@ -208,3 +209,23 @@ if __name__ == "__main__":
 
     from_config.make_data = poisoned
   sys.exit(cli.main(sys.argv[3:]))
+
+
+def test_retention_keeps_the_newest_and_the_best_across_restarts(tmp_path):
+  """keep=1: the newest step and the lowest validation loss survive; steps saved without a
+  val loss never count as best; a restarted run still knows which step was best."""
+  import jax.numpy as jnp
+
+  def state(i):
+    return {"step": jnp.int32(i), "params": {"w": jnp.full((4,), float(i))}}
+
+  def run(steps_and_losses):
+    ck = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
+    for step, val in steps_and_losses:
+      ck.save(step, state(step), {}, {} if val is None else {"val_loss": val})
+    ck.close()
+    return sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+
+  assert run([(1, 3.0), (2, 1.0), (3, 2.0), (4, None), (5, 4.0)]) == [2, 5]
+  assert run([(6, None), (7, 5.0)]) == [2, 7]  # step 2's loss came back from disk
+  assert run([(8, 0.5), (9, None)]) == [8, 9]

@@ -332,3 +332,25 @@ if __name__ == "__main__":
   kind, out, *rest = sys.argv[1:]
   fn = {"parity": work_parity, "layout": work_layout, "import": work_import}[kind]
   print(json.dumps(fn(out, *rest)))
+
+
+@pytest.mark.parametrize("axes,mesh,shape,rules,want", [
+    # batch takes both data-parallel axes; a size-1 tensor axis is dropped from the spec.
+    (("batch", "length"), (2, 4, 1), (8, 16), None, (("data", "fsdp"), None)),
+    (("embed", "heads", "head_dim"), (1, 4, 1), (64, 8, 8), None, ("fsdp", None, None)),
+    (("embed", "heads", "head_dim"), (1, 2, 4), (64, 8, 8), None, ("fsdp", "tensor", None)),
+    # an axis that does not divide its dim is skipped, the next one still applies
+    (("batch", "length"), (3, 2, 1), (4, 16), None, ("fsdp", None)),
+    (("embed", "mlp"), (1, 4, 2), (6, 10), None, (None, "tensor")),
+    # two names mapped to one mesh axis: the first rule in the table wins, once
+    (("embed", "mlp"), (1, 4, 1), (64, 64), "mlp=fsdp", ("fsdp", None)),
+    # no mesh: the table's mapping as flax gives it
+    (("batch", "vocab"), None, None, None, (("data", "fsdp"), "tensor")),
+])
+def test_logical_to_spec(axes, mesh, shape, rules, want):
+  """flax assigns mesh axes by rule priority; medjax fits the result to the mesh and shape."""
+  from jax.sharding import PartitionSpec as P
+  from medjax.parallel import sharding
+  m = None if mesh is None else types.SimpleNamespace(shape=dict(zip(sharding.MESH_AXES, mesh)))
+  got = sharding.logical_to_spec(axes, sharding.parse_rules(rules), m, shape)
+  assert got == P(*want)

@@ -9,6 +9,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,6 +104,42 @@ class MatmulPeak:
       s += (f", torch median {fmt_rate(med['torch'])} (best {fmt_rate(best['torch'])}); "
             f"XLA/torch {med['xla'] / med['torch']:.2f}")
     return s
+
+
+# Runs `python -m MOD ARGS` or `python -c CODE ARGS` and writes the process's VmHWM to a file.
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's RSS at fork (Linux keeps
+# the high-water mark across exec), so a benchmark parent holding a model would set a floor
+# under every child's figure.
+_PEAK_WRAPPER = """
+import os, runpy, sys
+kind, target, *rest = sys.argv[1:]
+sys.argv = [target, *rest]
+try:
+  if kind == "-m":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+  else:
+    exec(compile(target, "<bench>", "exec"), {"__name__": "__main__"})
+finally:
+  with open("/proc/self/status") as f:
+    hwm = next(ln for ln in f if ln.startswith("VmHWM"))
+  with open(os.environ["MEDJAX_PEAK_FILE"], "w") as f:
+    f.write(str(int(hwm.split()[1]) * 1024))
+"""
+
+
+def child_peak_rss(python_args: list[str]) -> tuple[float, int, str]:
+  """(wall s, peak resident bytes, output) of `python -m MOD ...` or `python -c CODE ...`
+  run in a child process; a failure raises with the child's output."""
+  with tempfile.NamedTemporaryFile(suffix=".peak") as peak:
+    env = dict(os.environ, MEDJAX_PEAK_FILE=peak.name)
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *python_args], env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode:
+      raise RuntimeError(f"python {' '.join(python_args)} failed ({p.returncode}):\n"
+                         f"{p.stdout[-2000:]}")
+    return wall, int(Path(peak.name).read_text()), p.stdout
 
 
 def device_info() -> str:

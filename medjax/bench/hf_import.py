@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from medjax.bench.common import child_peak_rss
 
 IMPORT_SHAPES = {
     # 16 x (d1024, f2816) layers + 2 x 32000 x 1024 tables = 267M params = 1.07 GB in f32.
@@ -15,6 +15,10 @@ IMPORT_SHAPES = {
                 num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                  num_attention_heads=8, num_key_value_heads=4),
+    # 8.6M params per layer-free part + 3.4M per layer: big enough that holding the whole
+    # model would show in RSS above the ~60 MiB of orbax/tensorstore working memory.
+    "small": dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=8),
 }
 
 
@@ -42,37 +46,37 @@ def write_synthetic_hf(cfg, out_dir: str, shard_bytes: int) -> list[str]:
   return [os.path.join(out_dir, n) for n in names]
 
 
-def _child_rss(cmd: list[str]) -> tuple[float, int, str]:
-  """(wall s, peak RSS bytes, output) of one child process (wait4: this child's own RSS)."""
-  t = time.perf_counter()
-  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  out = p.stdout.read()
-  _, status, ru = os.wait4(p.pid, 0)
-  p.returncode = os.waitstatus_to_exitcode(status)
-  wall = time.perf_counter() - t
-  if p.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-2000:]}")
-  return wall, ru.ru_maxrss * 1024, out  # Linux reports KiB
+def bench_import(shape: str, shard_mb: float, workdir: str | None = None,
+                 layers: int | None = None, scan: bool = True) -> dict:
+  """Writes a synthetic HF checkpoint and times `medjax import-hf` on it in a child process.
 
-
-def bench_import(shape: str, shard_mb: float, workdir: str | None = None) -> dict:
+  Args:
+    shape: an IMPORT_SHAPES name; `layers` overrides its depth.
+    shard_mb: HF shard size.
+    workdir: where the temporary files go.
+    scan: import to the stacked (scanned) layout, whose stacked params grow with depth;
+      False stores per-layer params, so the peak should not grow with depth.
+  Returns:
+    params, param_bytes, shards, write_s, wall_s, peak_rss, baseline_rss, baseline_s,
+    ckpt_bytes, log.
+  """
   from medjax.model import config as config_lib
-  cfg = config_lib.LlamaConfig(max_position_embeddings=4096, **IMPORT_SHAPES[shape])
+  over = {"num_hidden_layers": layers} if layers else {}
+  cfg = config_lib.LlamaConfig(max_position_embeddings=4096, **{**IMPORT_SHAPES[shape], **over})
   with tempfile.TemporaryDirectory(dir=workdir) as tmp:
     hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "medjax")
     t = time.perf_counter()
     shards = write_synthetic_hf(cfg, hf_dir, int(shard_mb * (1 << 20)))
     write_s = time.perf_counter() - t
     sizes = [os.path.getsize(p) for p in shards]
-    base_s, base_rss, _ = _child_rss([sys.executable, "-c",
-                                      "import medjax.cli.main, medjax.cli.convert, "
-                                      "medjax.checkpoints.hf_import"])
-    wall, rss, out = _child_rss([sys.executable, "-m", "medjax.cli", "import-hf", hf_dir,
-                                 out_dir])
+    base_s, base_rss, _ = child_peak_rss(["-c", "import medjax.cli.main, medjax.cli.convert, "
+                                                "medjax.checkpoints.hf_import"])
+    wall, rss, out = child_peak_rss(["-m", "medjax.cli", "import-hf", hf_dir, out_dir,
+                                     *([] if scan else ["--no-scan"])])
     ckpt = sum(f.stat().st_size for f in Path(out_dir).rglob("*") if f.is_file())
-  return {"params": cfg.num_params(), "shards": sizes, "write_s": write_s, "wall_s": wall,
+  return {"params": cfg.num_params(), "param_bytes": 4 * cfg.num_params(), "shards": sizes, "write_s": write_s, "wall_s": wall,
           "peak_rss": rss, "baseline_rss": base_rss, "baseline_s": base_s,
-          "ckpt_bytes": ckpt, "log": out.strip().splitlines()[-1:]}
+          "ckpt_bytes": ckpt, "scan": scan, "log": out.strip().splitlines()[-1:]}
 
 
 def import_lines(shape: str, r: dict) -> list[str]:
@@ -84,7 +88,8 @@ def import_lines(shape: str, r: dict) -> list[str]:
       f"synthetic HF Llama '{shape}': {r['params'] / 1e6:.1f}M params, f32, "
       f"{len(r['shards'])} shards ({', '.join(mb(s) for s in r['shards'])}), "
       f"written in {r['write_s']:.1f} s",
-      f"import-hf (subprocess, scan layout): {r['wall_s']:.1f} s wall, peak RSS "
+      f"import-hf (subprocess, {'scan' if r.get('scan', True) else 'per-layer'} layout): "
+      f"{r['wall_s']:.1f} s wall, peak RSS "
       f"{mb(r['peak_rss'])} = {r['peak_rss'] / big:.2f}x the largest shard ({mb(big)})",
       f"  of which python + jax + orbax at rest: {mb(r['baseline_rss'])} "
       f"(import alone {r['baseline_s']:.1f} s); above it: "

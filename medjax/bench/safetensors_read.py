@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
+
+from medjax.bench.common import child_peak_rss
 
 WAYS = ("medjax", "package, file opened once", "package, opened per tensor")
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from medjax.checkpoints import safetensors_io
 from safetensors import safe_open
 way, path = sys.argv[1], sys.argv[2]
@@ -36,8 +36,7 @@ else:
   for name in names:
     with safe_open(path, framework="numpy") as f:
       check += float(f.get_tensor(name).reshape(-1)[-1])
-print(json.dumps({"s": time.perf_counter() - t, "check": check,
-                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"s": time.perf_counter() - t, "check": check}))
 """
 
 
@@ -55,9 +54,8 @@ def bench_safetensors(tensors: int = 16, mib: int = 64, reps: int = 3,
                for i in range(tensors)}, path)
     for _ in range(reps):
       for way in WAYS:
-        p = subprocess.run([sys.executable, "-c", _CHILD, way, path], capture_output=True,
-                           text=True, check=True)
-        out[way].append(json.loads(p.stdout.strip().splitlines()[-1]))
+        _, rss, text = child_peak_rss(["-c", _CHILD, way, path])
+        out[way].append({**json.loads(text.strip().splitlines()[-1]), "rss": rss})
     out["file_bytes"] = os.path.getsize(path)
     out["tensor_bytes"] = side * side * 4
   return out

@@ -5,9 +5,11 @@ and the metrics at that step, plus a fingerprint of the state. Orbax writes each
 `STEP.orbax-checkpoint-tmp` and renames it when complete, so a crash never leaves a
 half-written step that looks finished; leftover tmp dirs are removed at start.
 
-Retention: the last `keep` finished steps plus the best by validation loss. Older steps are
-deleted only once a newer one has landed, so a crash or a failed save (disk full) always
-leaves `keep` good steps. A step that fails to restore, or whose restored state does not match
+Retention is orbax's own preservation policy: the newest `keep` steps plus the best by
+validation loss (`LatestN` or `BestN`; the val loss travels as the step's orbax metrics, so
+the best is known again after a restart). Orbax deletes older steps only after a newer one
+has been committed (in its save finalization), so a crash or a failed save (disk full)
+always leaves `keep` good steps. A step that fails to restore, or whose restored state does not match
 its fingerprint (truncated or corrupted files), is reported by path, renamed `STEP.corrupt`,
 and the previous one is used.
 """
@@ -24,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
 
 from medjax.model import lora
 from medjax.model import params as params_lib
@@ -93,6 +96,12 @@ def _host_fingerprint(tree) -> list[int]:
   return [int(v) for v in jax.device_get(fingerprint(tree))]
 
 
+def _val_loss(metrics) -> float:
+  """A step's validation loss for retention; steps saved without one rank last."""
+  v = (metrics or {}).get("val_loss")
+  return float("inf") if v is None else float(v)
+
+
 class SavedState:
   """What a checkpoint holds of the train state.
 
@@ -123,33 +132,25 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.join(workdir, CKPT_DIR)
     self.keep = max(int(keep), 1)
-    self.best: tuple[float, int] | None = None
     self._pending: int | None = None  # step of the save in flight
     for name in ("absl", "asyncio"):
       logging.getLogger(name).addFilter(_QUIET)
     sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
     try:
+      # best_fn makes orbax write each step's metrics; the policy decides what stays.
+      retention = ocm.AnyPreservationPolicy([
+          ocm.LatestN(n=self.keep),
+          ocm.BestN(get_metric_fn=_val_loss, reverse=True, n=1,  # reverse: lowest last
+                    keep_checkpoints_without_metrics=False)])
       self._mngr = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=None, create=True, enable_async_checkpointing=async_save,
-              cleanup_tmp_directories=True),
+              create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+              best_fn=_val_loss, best_mode="min", preservation_policy=retention),
           item_names=("state", "data", "meta"))
     except OSError as e:
       raise CheckpointError(f"{self.directory}: cannot create the checkpoint directory "
                             f"({e.strerror or e})") from e
-    self._load_best()
-
-  def _best_path(self):
-    return os.path.join(self.directory, "best.json")
-
-  def _load_best(self):
-    try:
-      with open(self._best_path()) as f:
-        b = json.load(f)
-      self.best = (b["val_loss"], b["step"])
-    except (OSError, ValueError, KeyError):
-      self.best = None
 
   def all_steps(self) -> list[int]:
     """Finished steps (orbax ignores tmp and `.corrupt` dirs)."""
@@ -158,18 +159,16 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state, meta: dict) -> None:
     """Starts an (async) save. The previous save must have landed (it is waited for here;
-    its failure is raised now), and older steps beyond retention are deleted then."""
+    its failure is raised now); orbax deletes steps beyond retention once this one lands."""
     self.wait()
-    self._prune()
     val = meta.get("val_loss")
-    if val is not None and (self.best is None or val < self.best[0]):
-      self.best = (float(val), int(step))
     meta = {**meta, "fingerprint": _host_fingerprint(state)}
     try:
       self._mngr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           data=ocp.args.JsonSave(data_state if data_state is not None else {}),
-          meta=ocp.args.JsonSave(meta)), force=True)
+          meta=ocp.args.JsonSave(meta)), force=True,
+          metrics={} if val is None else {"val_loss": float(val)})
     except Exception as e:  # a synchronous part failed (e.g. mkdir on a full disk)
       self._failed(step, e)
     self._pending = step
@@ -191,20 +190,6 @@ class Checkpointer:
       return self.all_steps()
     except Exception:  # reporting a failure must not fail itself
       return []
-
-  def _prune(self) -> None:
-    """Keeps the newest `keep` finished steps and the best one."""
-    steps = self.all_steps()
-    keep = set(steps[-self.keep:])
-    if self.best is not None and self.best[1] in steps:
-      keep.add(self.best[1])
-    for s in steps:
-      if s not in keep:
-        self._mngr.delete(s)
-    if self.best is not None and jax.process_index() == 0:
-      with open(self._best_path() + ".tmp", "w") as f:
-        json.dump({"step": self.best[1], "val_loss": self.best[0]}, f)
-      os.replace(self._best_path() + ".tmp", self._best_path())
 
   def wait(self) -> None:
     """Blocks until the save in flight has landed; CheckpointError if it failed."""
@@ -310,10 +295,9 @@ class Checkpointer:
       pass
 
   def close(self) -> None:
-    """Waits for the save in flight (CheckpointError if it failed), prunes, closes."""
+    """Waits for the save in flight (CheckpointError if it failed), then closes."""
     try:
       self.wait()
-      self._prune()
     finally:
       self._mngr.close()
 

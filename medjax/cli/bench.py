@@ -100,6 +100,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   i.add_argument("--shard-mb", type=float, default=768,
                  help="HF shard size (default: as Llama-2-7b-hf, largest shard ~3/4 model)")
   i.add_argument("--tmp", help="where to write the synthetic checkpoint (default $TMPDIR)")
+  i.add_argument("--layers", type=int, help="override the shape's number of layers")
+  i.add_argument("--no-scan", dest="scan", action="store_false",
+                 help="import to per-layer params (the peak should not grow with depth)")
 
   st = sub.add_parser("safetensors", help="reading safetensors: medjax's reader vs the package")
   common(st, shape=None)
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         f"{r['num_docs']} docs); pipeline {r['pipeline_tokens_per_s']:,} tokens/s; "
         f"end to end {r['end_to_end_tokens_per_s']:,} tokens/s"])
   elif cmd == "import":
-    r = bench_import(args.size, args.shard_mb, args.tmp)
+    r = bench_import(args.size, args.shard_mb, args.tmp, args.layers, args.scan)
     record(args, f"import --size {args.size}", import_lines(args.size, r))
   elif cmd == "safetensors":
     r = bench_safetensors(args.tensors, args.tensor_mib, args.reps, args.tmp)

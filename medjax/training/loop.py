@@ -155,7 +155,8 @@ def main(c, workdir: str) -> dict:
         if i >= c.eval_batches:
           break
         with sharding.activate(mesh, rules):
-          l, n = evaluate(params, distributed.global_batch(b, mesh, batch_sharding))
+          l, n = jax.device_get(evaluate(params, distributed.global_batch(b, mesh,
+                                                                           batch_sharding)))
         tot, cnt = tot + float(l), cnt + float(n)
       if cnt:
         out["val_loss"] = tot / cnt
@@ -176,7 +177,10 @@ def main(c, workdir: str) -> dict:
         except StopIteration:
           _log("data exhausted")
           break
-        state, m = train(state, distributed.global_batch(local, mesh, batch_sharding))
+        # Only explicit copies inside the step: an implicit host<->device transfer there
+        # (a numpy array slipping into the jitted call) would be a silent slowdown.
+        with jax.transfer_guard("disallow"):
+          state, m = train(state, distributed.global_batch(local, mesh, batch_sharding))
         step += 1
         pending.append(m)  # fetched every log_every steps, so the host never waits per step
         if step % c.log_every == 0 or step == c.total_steps or preempt.requested:
@@ -187,7 +191,8 @@ def main(c, workdir: str) -> dict:
           last = logger.log(step, fetched, skipped=int(jax.device_get(state["skipped"])))
         evals = {}
         if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
-          evals = run_eval(state["params"])
+          with jax.transfer_guard("disallow"):  # the evals copy explicitly too
+            evals = run_eval(state["params"])
           logger.log_eval(step, evals)
           last.update(evals)
           logger.reset_clock()  # tokens/s and MFU measure training, not evaluation
