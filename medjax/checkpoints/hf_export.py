@@ -33,12 +33,12 @@ def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool =
   _check_out_dir(out_dir, overwrite)
   src = sources.resolve_checkpoint(ckpt)
   cfg = modeldir.load_config(src)
-  params = sources.restore(src, cfg)
-  params, cfg = lora.merge(params, cfg)  # PyTorch users get a plain LlamaForCausalLM
-  try:
+  try:  # before any weight is read
     hf_cfg = hf_config.to_hf_dict(cfg, dtype)
   except ConfigError as e:
     raise CheckpointError(f"{src}: {e}") from None
+  params = sources.restore(src, cfg)
+  params, cfg = lora.merge(params, cfg)  # PyTorch users get a plain Llama or Qwen2 model
   flat = params_lib.flatten(params_lib.unstack_layers(params) if cfg.scan_layers else params)
   tmp = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
