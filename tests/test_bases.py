@@ -9,7 +9,9 @@ import pytest
 
 import medjax
 from medjax import cli
+from medjax.assets import asset_path
 from medjax.checkpoints import hf_config, hf_export, hf_import, modeldir
+from medjax.data import corpus
 from medjax.data.tokenizer import load_tokenizer
 from medjax.model import config
 from medjax.model import llama as model
@@ -159,3 +161,44 @@ def test_preset_sizes(name):
   n_hf = sum(p.numel() for p in hf.parameters())  # a tied head is counted once
   assert cfg.num_params() == n_hf == RELEASED[name]
   assert hf_config.from_hf_dict(d, scan_layers=True) == cfg
+
+
+def test_demo_base_steps_on_a_qwen_base(tmp_path):
+  """`medjax demo --base` on a byte-level BPE base: imported, no vocabulary extension (the
+  base and its tokenizer.json go on as they are), exported back to a Qwen2 that transformers
+  and AutoTokenizer read as medjax does. (The training and evaluation steps share their code
+  with the Llama 2 demo; their no-BOS parts are tested in test_hf_tokenizer.py.)"""
+  pytest.importorskip("transformers")
+  from medjax.demo import pipeline
+  hf_dir = tmp_path / "hf"
+  make_hf_llama(hf_dir, vocab=620, initializer_range=0.1, **CASES["qwen2"])
+  make_bpe_tokenizer(hf_dir, style="qwen2")
+  base = str(tmp_path / "base")
+  r1 = pipeline._import_base(str(hf_dir), base, shipped=False)
+  texts = corpus.read_texts([asset_path("medical_text_sample.csv")])[400:420]
+  r2 = pipeline._extend_vocab(str(tmp_path), base, texts, texts, add_n=50)
+  assert r2["added"] == 0 and r2["model_dir"] == base and r2["tokenizer"].endswith(".json")
+  assert not (tmp_path / "tokenizer").exists()
+  r6 = pipeline._export(r1["model_dir"], str(tmp_path / "out"), r2["tokenizer"], texts)
+  assert r6["max_logit_diff"] <= 1e-4 and r6["tokenizer_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("base", ["qwen2.5_7b", "llama3.1_8b"])
+def test_recipe_configs(base):
+  """configs/{qwen2.5_7b,llama3.1_8b}_{cpt,sft}.py: the paper's recipe on the new base."""
+  import pathlib
+  from medjax.training import config as runconfig
+  from medjax.training import recipes
+  root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  preset = base.replace("_", "-")
+  cpt = runconfig.load(f"{root}/{base}_cpt.py:/gcs/b/medjax")
+  sft = runconfig.load(f"{root}/{base}_sft.py:/gcs/b/medjax")
+  for c in (cpt, sft):
+    runconfig.validate(c)
+    assert c.model == preset and preset in config.PRESETS and preset in recipes.BASES
+  assert (cpt.task, cpt.init_from) == ("cpt", f"/gcs/b/medjax/{preset}")
+  assert (sft.task, sft.init_from) == ("sft", f"/gcs/b/medjax/runs/{preset}-cpt")
+  # Only the base differs from the paper's Llama 2 recipe.
+  ref = recipes.paper_cpt("7b", "/gcs/b/medjax").to_dict()
+  diff = {k for k, v in cpt.to_dict().items() if ref[k] != v}
+  assert diff == {"model", "init_from"}, diff
