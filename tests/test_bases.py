@@ -202,3 +202,19 @@ def test_recipe_configs(base):
   ref = recipes.paper_cpt("7b", "/gcs/b/medjax").to_dict()
   diff = {k for k, v in cpt.to_dict().items() if ref[k] != v}
   assert diff == {"model", "init_from"}, diff
+
+
+def test_biases_get_no_weight_decay():
+  import types
+  import jax.numpy as jnp
+  from medjax.training import optim
+  cfg = config.preset("tiny-mha", model_type="qwen2", qkv_bias=True, scan_layers=True)
+  shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+  params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+  oc = types.SimpleNamespace(lr=0.1, warmup_steps=0, total_steps=10, final_lr_ratio=1.0, b1=0.9,
+                             b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
+  opt, _ = optim.make_optimizer(oc, cfg, shapes)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates = params_lib.flatten(jax.jit(lambda p: opt.update(zero, opt.init(p), p)[0])(params))
+  assert float(jnp.abs(updates["layers/attn/q/b"]).max()) == 0.0  # [L, N, H]: no decay
+  assert float(jnp.abs(updates["layers/attn/q/w"]).min()) > 0.0  # matrices decay
