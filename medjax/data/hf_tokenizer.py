@@ -150,7 +150,8 @@ class HFTokenizer:
       One id list per string.
     """
     del num_threads
-    encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+    batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # fast: 0.21+
+    encs = batch(list(texts), add_special_tokens=False)
     return [self._wrap(e.ids, bos, eos) for e in encs]
 
   def decode(self, ids: Iterable[int]) -> str:
