@@ -101,7 +101,7 @@ def _qwen_dir(d, **edit):
     (dict(model_type="mistral"), "model_type='mistral' is not supported"),
     (dict(use_sliding_window=True, sliding_window=64), "use_sliding_window=true"),
     (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling.rope_type='yarn'"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling type 'yarn'"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks low_freq_factor"),
     (dict(attention_dropout=0.1), "attention_dropout=0.1"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),

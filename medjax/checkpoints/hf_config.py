@@ -36,8 +36,8 @@ def _rope(d: dict[str, Any], source: str) -> dict[str, Any]:
   if rope_type == "default":
     return kw
   if rope_type != "llama3":
-    raise ConfigError(f"{source}: {field}.rope_type={rope_type!r} is not supported (only "
-                      "the default RoPE and 'llama3' scaling)")
+    raise ConfigError(f"{source}: {field} type {rope_type!r} is not supported (only the "
+                      "default RoPE and 'llama3' scaling)")
   missing = [f for f in _LLAMA3_FIELDS if spec.get(f) is None]
   if missing:
     raise ConfigError(f"{source}: {field} of rope_type 'llama3' lacks {', '.join(missing)}")
