@@ -25,8 +25,8 @@ def checked_tokenizer(hf_dir: str, cfg: LlamaConfig) -> str | None:
   """The dir's tokenizer file, refused when it has ids beyond the embedding rows.
 
   Raises:
-    ConfigError: the tokenizer's vocabulary is larger than config.json's vocab_size, or
-      the tokenizer file is unreadable or of an unsupported kind.
+    ConfigError: the tokenizer's vocabulary is larger than config.json's vocab_size.
+    DataError: the tokenizer file is unreadable or of an unsupported kind.
   """
   tok = modeldir.tokenizer_path(hf_dir)
   if tok is None:
