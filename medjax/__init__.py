@@ -5,7 +5,7 @@ from medjax.model.config import PRESETS, LlamaConfig, preset
 
 
 def load(path: str, **overrides):
-  """An HF Llama dir, medjax checkpoint or training workdir -> a model callable on int32
+  """An HF Llama/Qwen2 dir, medjax checkpoint or training workdir -> a model callable on int32
   tokens [B,T] -> f32 logits [B,T,V] (`checkpoints.load.Loaded`)."""
   from medjax.checkpoints.load import load as _load
   return _load(path, **overrides)
@@ -16,9 +16,12 @@ def __getattr__(name: str):
   if name == "Tokenizer":
     from medjax.data.tokenizer import Tokenizer
     return Tokenizer
+  if name == "load_tokenizer":  # tokenizer.model or tokenizer.json, by file or model dir
+    from medjax.data.tokenizer import load_tokenizer
+    return load_tokenizer
   raise AttributeError(f"module 'medjax' has no attribute {name!r}")
 
 
-__all__ = ["LlamaConfig", "PRESETS", "preset", "load", "Tokenizer", "MedjaxError",
+__all__ = ["LlamaConfig", "PRESETS", "preset", "load", "Tokenizer", "load_tokenizer", "MedjaxError",
            "ConfigError", "CheckpointError", "DataError"]
 __version__ = "0.1.0"

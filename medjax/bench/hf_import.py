@@ -13,6 +13,10 @@ IMPORT_SHAPES = {
     # 16 x (d1024, f2816) layers + 2 x 32000 x 1024 tables = 267M params = 1.07 GB in f32.
     "1gb": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                 num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16),
+    # The same shapes as Qwen2 (q/k/v biases): import memory must not depend on the family.
+    "1gb-qwen2": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                      num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                      model_type="qwen2", qkv_bias=True),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                  num_attention_heads=8, num_key_value_heads=4),
     # 8.6M params per layer-free part + 3.4M per layer: big enough that holding the whole

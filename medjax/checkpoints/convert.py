@@ -1,4 +1,4 @@
-"""Hugging Face <-> medjax weights, as a reviewable table used in both directions.
+"""Hugging Face <-> medjax weights, as one reviewable table per family, used in both directions.
 
 Each row: HF key regex -> medjax path template and a layout transform. medjax keeps HF's
 split-halves RoPE and applies query scaling in the forward pass, so no permutation is needed.
@@ -19,8 +19,10 @@ from medjax.checkpoints import safetensors_io
 from medjax.model.config import LlamaConfig
 from medjax.errors import CheckpointError
 
-# (HF regex, medjax path, transform). Transforms name how HF [out, in] maps to ours.
-TABLE: list[tuple[str, str, str]] = [
+# (HF regex, medjax path, transform), one table per family (`LlamaConfig.model_type`).
+# Transforms name how HF [out, in] maps to ours. Which of a table's tensors a checkpoint has
+# follows the config's switches (`hf_keys`): biases, and lm_head only when untied.
+_DECODER: list[tuple[str, str, str]] = [
     (r"model\.embed_tokens\.weight", "embedding", "copy"),
     (r"model\.norm\.weight", "final_norm/scale", "copy"),
     (r"lm_head\.weight", "lm_head", "T"),
@@ -34,28 +36,49 @@ TABLE: list[tuple[str, str, str]] = [
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "layers_{}/mlp/up/w", "T"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers_{}/mlp/down/w", "T"),
 ]
+_QKV_BIASES: list[tuple[str, str, str]] = [
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "layers_{}/attn/q/b", "heads"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "layers_{}/attn/k/b", "heads"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "layers_{}/attn/v/b", "heads"),
+]
+TABLES: dict[str, list[tuple[str, str, str]]] = {
+    # Llama 2 / 3.x; the biases only with attention_bias / mlp_bias (no Meta release has them).
+    "llama": _DECODER + _QKV_BIASES + [
+        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", "layers_{}/attn/o/b", "copy"),
+        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.bias", "layers_{}/mlp/gate/b", "copy"),
+        (r"model\.layers\.(\d+)\.mlp\.up_proj\.bias", "layers_{}/mlp/up/b", "copy"),
+        (r"model\.layers\.(\d+)\.mlp\.down_proj\.bias", "layers_{}/mlp/down/b", "copy"),
+    ],
+    # Qwen2 / Qwen2.5: Llama's names, plus q/k/v biases in every checkpoint.
+    "qwen2": _DECODER + _QKV_BIASES,
+}
 # Buffers some exporters write; they are recomputed, not weights.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 def hf_keys(cfg: LlamaConfig) -> list[str]:
-  """All HF tensor names of a Llama with this config, in HF's order."""
+  """All HF tensor names of a model with this config, in HF's order."""
   keys = ["model.embed_tokens.weight"]
+  attn = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+  if cfg.qkv_bias:
+    attn += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+  if cfg.o_bias:
+    attn.append("self_attn.o_proj.bias")
+  mlp = [f"mlp.{p}_proj.{w}" for p in ("gate", "up", "down")
+         for w in (("weight", "bias") if cfg.mlp_bias else ("weight",))]
   for i in range(cfg.num_hidden_layers):
     p = f"model.layers.{i}."
-    keys += [p + s for s in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                             "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                             "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                             "mlp.down_proj.weight", "input_layernorm.weight",
-                             "post_attention_layernorm.weight")]
+    keys += [p + s for s in attn + mlp + ["input_layernorm.weight",
+                                          "post_attention_layernorm.weight"]]
   keys.append("model.norm.weight")
   if not cfg.tie_word_embeddings:
     keys.append("lm_head.weight")
   return keys
 
 
-def lookup(hf_key: str) -> tuple[str, str] | None:
-  for pat, path, kind in TABLE:
+def lookup(hf_key: str, model_type: str = "llama") -> tuple[str, str] | None:
+  """(medjax per-layer path, transform) of an HF tensor name in `model_type`'s table."""
+  for pat, path, kind in TABLES[model_type]:
     m = re.fullmatch(pat, hf_key)
     if m:
       return path.format(*m.groups()), kind
@@ -70,7 +93,10 @@ def hf_shape(cfg: LlamaConfig, key: str) -> tuple[int, ...]:
                         ("v_proj.weight", (nk, d)), ("o_proj.weight", (d, nq)),
                         ("gate_proj.weight", (f, d)), ("up_proj.weight", (f, d)),
                         ("down_proj.weight", (d, f)), ("norm.weight", (d,)),
-                        ("layernorm.weight", (d,))):
+                        ("layernorm.weight", (d,)), ("q_proj.bias", (nq,)),
+                        ("k_proj.bias", (nk,)), ("v_proj.bias", (nk,)), ("o_proj.bias", (d,)),
+                        ("gate_proj.bias", (f,)), ("up_proj.bias", (f,)),
+                        ("down_proj.bias", (d,))):
     if key.endswith(suffix):
       return shape
   raise KeyError(key)
@@ -86,6 +112,8 @@ def to_medjax(cfg: LlamaConfig, kind: str, w: np.ndarray) -> np.ndarray:
     return w.T.reshape(w.shape[1], w.shape[0] // hd, hd)
   if kind == "out_heads":  # [D, N*hd] -> [N, hd, D]
     return w.T.reshape(w.shape[1] // hd, hd, w.shape[0])
+  if kind == "heads":  # bias [heads*hd] -> [heads, hd]
+    return w.reshape(w.shape[0] // hd, hd)
   raise ValueError(kind)
 
 
@@ -98,6 +126,8 @@ def to_hf(kind: str, w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1).T
   if kind == "out_heads":  # [N, hd, D] -> [D, N*hd]
     return w.reshape(-1, w.shape[-1]).T
+  if kind == "heads":  # bias [heads, hd] -> [heads*hd]
+    return w.reshape(-1)
   raise ValueError(kind)
 
 
@@ -155,7 +185,7 @@ def index_hf_params(cfg: LlamaConfig, hf_dir: str) -> dict[str, tuple[str, str, 
       # Some exporters write the tied head too; it equals the embedding.
       if _IGNORED.match(key) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
         continue
-      hit = lookup(key)
+      hit = lookup(key, cfg.model_type)
       if hit is None or key not in expected:
         raise CheckpointError(f"{path}: unexpected tensor {key!r} for this config.json "
                               f"({cfg.num_hidden_layers} layers)")
@@ -181,7 +211,7 @@ def medjax_to_hf_items(cfg: LlamaConfig) -> list[tuple[str, str, str]]:
   """(HF key, medjax per-layer path, transform) for every HF tensor."""
   out = []
   for key in hf_keys(cfg):
-    path, kind = lookup(key)
+    path, kind = lookup(key, cfg.model_type)
     out.append((key, path, kind))
   return out
 

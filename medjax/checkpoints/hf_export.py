@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.checkpoints import convert, hf_config, modeldir, sources
-from medjax.errors import CheckpointError
+from medjax.data import spm_json
+from medjax.data.tokenizer import HF_FILE, HF_SIDE_FILES
+from medjax.errors import CheckpointError, ConfigError
 from medjax.model import lora
 from medjax.model import params as params_lib
 from medjax.model.config import LlamaConfig
@@ -31,8 +33,12 @@ def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool =
   _check_out_dir(out_dir, overwrite)
   src = sources.resolve_checkpoint(ckpt)
   cfg = modeldir.load_config(src)
+  try:  # before any weight is read
+    hf_cfg = hf_config.to_hf_dict(cfg, dtype)
+  except ConfigError as e:
+    raise CheckpointError(f"{src}: {e}") from None
   params = sources.restore(src, cfg)
-  params, cfg = lora.merge(params, cfg)  # PyTorch users get a plain LlamaForCausalLM
+  params, cfg = lora.merge(params, cfg)  # PyTorch users get a plain Llama or Qwen2 model
   flat = params_lib.flatten(params_lib.unstack_layers(params) if cfg.scan_layers else params)
   tmp = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -41,15 +47,15 @@ def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool =
   # One tensor at a time goes device -> host -> file.
   convert.write_hf_weights(cfg, tmp, lambda p: modeldir.host(flat[p]), np_dtype, max_shard_bytes)
   with open(os.path.join(tmp, "config.json"), "w") as f:
-    json.dump(hf_config.to_hf_dict(cfg, dtype), f, indent=2)
+    json.dump(hf_cfg, f, indent=2)
   with open(os.path.join(tmp, "generation_config.json"), "w") as f:
     json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                "do_sample": False}, f, indent=2)
-  tok = os.path.join(src, modeldir.TOKENIZER)
-  if os.path.exists(tok):
-    write_tokenizer_files(tok, tmp, cfg)
+  tok = modeldir.tokenizer_path(src)
+  if tok:
+    write_tokenizer_files(tok, tmp, cfg, log)
   else:
-    log(f"warning: {src} has no tokenizer.model; exported weights only")
+    log(f"warning: {src} has no tokenizer; exported weights only")
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.replace(tmp, out_dir)
@@ -57,13 +63,36 @@ def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool =
   return out_dir
 
 
-def write_tokenizer_files(tokenizer_model: str, out_dir: str, cfg: LlamaConfig) -> None:
-  shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+def write_tokenizer_files(tokenizer: str, out_dir: str, cfg: LlamaConfig, log=print) -> None:
+  """The tokenizer files `AutoTokenizer.from_pretrained(out_dir)` loads.
+
+  A tokenizer.json is copied unchanged with its side files (tokenizer_config.json, ...).
+  A SentencePiece tokenizer.model is copied and joined by a tokenizer.json that encodes
+  exactly as SentencePiece (`data.spm_json`), under the generic PreTrainedTokenizerFast
+  class, which loads that file as is (transformers 5's LlamaTokenizer would rebuild it).
+  """
+  if tokenizer.endswith(".json"):
+    shutil.copyfile(tokenizer, os.path.join(out_dir, HF_FILE))
+    for name in HF_SIDE_FILES:
+      side = os.path.join(os.path.dirname(tokenizer), name)
+      if os.path.exists(side):
+        shutil.copyfile(side, os.path.join(out_dir, name))
+    return
+  shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.model"))
   special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
   with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
     json.dump(special, f, indent=2)
+  spec = spm_json.tokenizer_json(tokenizer)
+  if spec is None:
+    log(f"warning: {tokenizer} has no exact tokenizer.json form; transformers will convert "
+        "tokenizer.model itself and may split whitespace differently")
+  else:
+    with open(os.path.join(out_dir, HF_FILE), "w", encoding="utf-8") as f:
+      json.dump(spec, f, ensure_ascii=False)
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
-               "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
+    kind = {"tokenizer_class": "PreTrainedTokenizerFast"} if spec else {
+        "tokenizer_class": "LlamaTokenizer", "legacy": True}
+    json.dump({**kind, "add_bos_token": True, "add_eos_token": False,
+               "clean_up_tokenization_spaces": False,
                "model_max_length": cfg.max_position_embeddings, "pad_token": None, **special},
               f, indent=2)

@@ -1,5 +1,5 @@
-"""`import-hf`: a Hugging Face Llama directory -> medjax params or a medjax model dir, read
-tensor by tensor so host memory never holds the whole model."""
+"""`import-hf`: a Hugging Face Llama or Qwen2 directory -> medjax params or a medjax model
+dir, read tensor by tensor so host memory never holds the whole model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.checkpoints import convert, hf_config, modeldir
-from medjax.errors import CheckpointError, MedjaxError
+from medjax.data.tokenizer import copy_tokenizer, load_tokenizer
+from medjax.errors import CheckpointError, ConfigError, MedjaxError
 from medjax.model import params as params_lib
 from medjax.model.config import LlamaConfig
 from medjax.model.config import to_json
@@ -20,15 +21,33 @@ from medjax.model.config import to_json
 _DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 
 
+def checked_tokenizer(hf_dir: str, cfg: LlamaConfig) -> str | None:
+  """The dir's tokenizer file, refused when it has ids beyond the embedding rows.
+
+  Raises:
+    ConfigError: the tokenizer's vocabulary is larger than config.json's vocab_size.
+    DataError: the tokenizer file is unreadable or of an unsupported kind.
+  """
+  tok = modeldir.tokenizer_path(hf_dir)
+  if tok is None:
+    return None
+  n = load_tokenizer(tok).vocab_size
+  if n > cfg.vocab_size:
+    raise ConfigError(f"{tok}: vocabulary of {n} tokens does not fit config.json "
+                      f"vocab_size={cfg.vocab_size} (the embedding rows)")
+  return tok
+
+
 def import_hf(hf_dir: str, out_dir: str | None = None, scan_layers: bool = True,
               shardings_fn: Callable | None = None, log=print):
-  """Reads an HF Llama dir tensor by tensor. Returns (cfg, params); saves if out_dir.
+  """Reads an HF dir tensor by tensor. Returns (cfg, params); saves if out_dir.
 
   shardings_fn(cfg) -> pytree of NamedSharding for `cfg` (the output layout, scanned or
   not) places each param on a mesh as it is read: each device gets only its slice, and host
   memory holds one HF tensor at a time plus this process's slices, never the whole model.
   """
   cfg = hf_config.load_hf_config(hf_dir, scan_layers=False)
+  tok = checked_tokenizer(hf_dir, cfg) if out_dir else None
   shard_tree = shardings_fn(cfg.replace(scan_layers=scan_layers)) if shardings_fn else None
   if shard_tree is not None:
     params = _import_onto_mesh(cfg, hf_dir, scan_layers, params_lib.flatten(shard_tree))
@@ -40,8 +59,7 @@ def import_hf(hf_dir: str, out_dir: str | None = None, scan_layers: bool = True,
   cfg = cfg.replace(scan_layers=scan_layers)
   params_lib.check_shapes(params, cfg, hf_dir)
   if out_dir:
-    tok = os.path.join(hf_dir, "tokenizer.model")
-    modeldir.save(out_dir, cfg, params, tokenizer=tok if os.path.exists(tok) else None)
+    modeldir.save(out_dir, cfg, params, tokenizer=tok)
     log(f"imported {hf_dir} -> {out_dir} ({cfg.num_params() / 1e6:.2f}M params, "
         f"{cfg.num_hidden_layers} layers, scan={scan_layers})")
   return cfg, params
@@ -78,6 +96,7 @@ def import_hf_streaming(hf_dir: str, out_dir: str, scan_layers: bool = True, log
 
 def _import_streaming(partial, hf_dir, out_dir, scan_layers, log, flush_bytes) -> LlamaConfig:
   cfg = hf_config.load_hf_config(hf_dir, scan_layers=False)
+  tok = checked_tokenizer(hf_dir, cfg)
   index = convert.index_hf_params(cfg, hf_dir)
   out_cfg = cfg.replace(scan_layers=scan_layers)
   from medjax.model import llama as model_lib
@@ -120,9 +139,8 @@ def _import_streaming(partial, hf_dir, out_dir, scan_layers, log, flush_bytes) -
   shutil.rmtree(root)
   with open(os.path.join(tmp, modeldir.MODEL_CONFIG), "w") as f:
     f.write(to_json(out_cfg))
-  tok = os.path.join(hf_dir, "tokenizer.model")
-  if os.path.exists(tok):
-    shutil.copyfile(tok, os.path.join(tmp, modeldir.TOKENIZER))
+  if tok:
+    copy_tokenizer(tok, tmp)
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.replace(tmp, out_dir)

@@ -36,17 +36,19 @@ class Loaded:
 def load(path: str, **overrides) -> Loaded:
   """Loads an HF directory (config.json + safetensors) or a medjax checkpoint/workdir.
 
+  `tokenizer_path` of the result is its tokenizer.model or tokenizer.json (or None).
+
   overrides: LlamaConfig fields such as dtype="bfloat16" or attention="dot_product".
   """
   if os.path.exists(os.path.join(path, "config.json")) and not modeldir.is_model_dir(path):
     cfg, params = hf_import.import_hf(path, scan_layers=overrides.pop("scan_layers", False))
-    tok = os.path.join(path, "tokenizer.model")
+    tok = hf_import.checked_tokenizer(path, cfg)
   else:
     src = sources.resolve_checkpoint(path)
     cfg = modeldir.load_config(src).replace(**overrides)
     params = sources.restore(src, cfg)
-    tok = os.path.join(src, modeldir.TOKENIZER)
+    tok = modeldir.tokenizer_path(src)
     overrides = {}
   cfg = cfg.replace(**overrides)
   params = params_lib.to_layout(jax.tree.map(jnp.asarray, params), cfg)
-  return Loaded(cfg, params, tok if os.path.exists(tok) else None)
+  return Loaded(cfg, params, tok)

@@ -1,4 +1,5 @@
-"""A medjax model directory: `model_config.json`, orbax `params/`, optional `tokenizer.model`.
+"""A medjax model directory: `model_config.json`, orbax `params/`, optional tokenizer
+(`tokenizer.model`, or `tokenizer.json` with its `tokenizer_config.json`).
 
 `import-hf` writes one; a training workdir holds the same files per checkpoint. Params are
 restored in the layout (`model.params`) the caller's config asks for.
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medjax.data.tokenizer import copy_tokenizer, find_tokenizer
 from medjax.model import config as config_lib
 from medjax.model.config import LlamaConfig
 from medjax.model.params import check_shapes, is_scanned, to_layout
@@ -21,11 +23,14 @@ from medjax.errors import CheckpointError
 
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # a SentencePiece model dir's; `tokenizer_path` finds either
 
 
 def save(out_dir: str, cfg: LlamaConfig, params: dict, tokenizer: str | None = None) -> None:
-  """Writes a model dir atomically: built in `out_dir.tmp`, then renamed."""
+  """Writes a model dir atomically: built in `out_dir.tmp`, then renamed.
+
+  tokenizer: a tokenizer.model or tokenizer.json (its side files come along) to copy in.
+  """
   out_dir = os.path.abspath(out_dir)
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -36,10 +41,15 @@ def save(out_dir: str, cfg: LlamaConfig, params: dict, tokenizer: str | None = N
   ckptr.save(os.path.join(tmp, PARAMS), params)
   ckptr.wait_until_finished()
   if tokenizer:
-    shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER))
+    copy_tokenizer(tokenizer, tmp)
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.replace(tmp, out_dir)
+
+
+def tokenizer_path(path: str) -> str | None:
+  """The tokenizer file of a model dir, HF dir or workdir (`data.tokenizer.find_tokenizer`)."""
+  return find_tokenizer(path)
 
 
 def is_model_dir(path: str) -> bool:

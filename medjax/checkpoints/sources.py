@@ -69,7 +69,6 @@ def build_model(init_from: str, preset: str, overrides: dict, seed: int, place=N
   if os.path.exists(os.path.join(src, "config.json")) and not modeldir.is_model_dir(src):
     cfg, params = hf_import.import_hf(src, scan_layers=over.get("scan_layers", True),
                                       shardings_fn=place)
-    tok = os.path.join(src, "tokenizer.model")
   else:
     src = resolve_checkpoint(src)
     cfg = modeldir.load_config(src)
@@ -79,7 +78,7 @@ def build_model(init_from: str, preset: str, overrides: dict, seed: int, place=N
     if cfg.lora_rank:  # SFT on top of a LoRA run: start from its merged weights
       params, cfg = lora.merge(params, cfg.replace(
           scan_layers=over.get("scan_layers", cfg.scan_layers)))
-    tok = os.path.join(src, modeldir.TOKENIZER)
+  tok = modeldir.tokenizer_path(src)
   keep = {k: v for k, v in over.items() if k not in ("lora_rank",)}
   cfg = cfg.replace(**keep, lora_rank=0)
   params = params_lib.to_layout(params, cfg)
@@ -87,7 +86,7 @@ def build_model(init_from: str, preset: str, overrides: dict, seed: int, place=N
   if lora_rank:
     cfg = cfg.replace(lora_rank=lora_rank)
     params = lora.add_adapters(params, cfg, jax.random.PRNGKey(seed))
-  return cfg, params, tok if os.path.exists(tok) else None
+  return cfg, params, tok
 
 
 def _with_lora_base(run_dir: str, adapters: dict) -> dict:

@@ -12,12 +12,10 @@ rows and the rest of the network are unchanged); only new columns are added to t
 
 from __future__ import annotations
 
-import os
-
 import jax.numpy as jnp
 
 from medjax.checkpoints import modeldir, sources
-from medjax.data.tokenizer import Tokenizer
+from medjax.data.tokenizer import load_tokenizer
 from medjax.errors import CheckpointError
 from medjax.model.config import LlamaConfig
 
@@ -60,7 +58,7 @@ def resize_embeddings(params: dict, cfg: LlamaConfig, new_vocab: int) -> tuple[d
 
 def _check_extends(base_tok: str, new_tok: str) -> None:
   """Refuses a tokenizer that renumbers base pieces: their embedding rows would be wrong."""
-  base, new = Tokenizer(base_tok), Tokenizer(new_tok)
+  base, new = load_tokenizer(base_tok), load_tokenizer(new_tok)
   # Only the shared range: a smaller tokenizer is refused by resize_embeddings, naming sizes.
   for i in range(min(base.vocab_size, new.vocab_size)):
     if base.id_to_piece(i) != new.id_to_piece(i):
@@ -75,7 +73,8 @@ def resize_checkpoint(src_model_dir: str, tokenizer_model: str, out_dir: str,
 
   Args:
     src_model_dir: a medjax model dir or training workdir (its newest checkpoint).
-    tokenizer_model: the extended SentencePiece `tokenizer.model`; copied into `out_dir`.
+    tokenizer_model: the extended tokenizer (`tokenizer.model`, or a `tokenizer.json` with
+      its side files); copied into `out_dir`.
     out_dir: the new model dir (replaced atomically if it exists).
     log: progress printer.
 
@@ -84,11 +83,11 @@ def resize_checkpoint(src_model_dir: str, tokenizer_model: str, out_dir: str,
   """
   src = sources.resolve_checkpoint(src_model_dir)
   cfg = modeldir.load_config(src)
-  old_tok = os.path.join(src, modeldir.TOKENIZER)
-  if os.path.exists(old_tok):
+  old_tok = modeldir.tokenizer_path(src)
+  if old_tok:
     _check_extends(old_tok, tokenizer_model)
   params = sources.restore(src, cfg)
-  new_vocab = Tokenizer(tokenizer_model).vocab_size
+  new_vocab = load_tokenizer(tokenizer_model).vocab_size
   params, cfg = resize_embeddings(params, cfg, new_vocab)
   modeldir.save(out_dir, cfg, params, tokenizer=tokenizer_model)
   log(f"resized {src} -> {out_dir}: vocabulary {new_vocab} (new rows = mean of old rows)")

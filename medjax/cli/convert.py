@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def add_args(p):
-  p.add_argument("hf_dir", help="Hugging Face Llama directory (config.json + *.safetensors)")
+  p.add_argument("hf_dir", help="Hugging Face Llama 2/3.x or Qwen2/2.5 directory (config.json "
+                 "+ *.safetensors, tokenizer.model or tokenizer.json)")
   p.add_argument("out_dir", help="medjax checkpoint directory to write")
   p.add_argument("--no-scan", dest="scan", action="store_false",
                  help="store per-layer weights instead of stacked (scanned) ones")

@@ -7,7 +7,9 @@
   medjax tokenizer extend --base llama2/tokenizer.model --corpus medical.csv --add 2000 --out tok/
 
 --tokenizer defaults to the shipped 512-piece TinyStories tokenizer, so every command runs on
-a fresh clone; pass Llama 2's tokenizer.model for real work.
+a fresh clone; pass Llama 2's tokenizer.model (or a tokenizer.json: Qwen2.5, Llama 3) for
+real work. `tokenizer extend` takes SentencePiece bases only: a byte-level BPE base already
+covers Chinese.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   s.add_argument("--kind", choices=["cpt", "sft"], required=True)
   s.add_argument("--input", nargs="+", help="corpus files (cpt) or a CMExam CSV (sft); "
                  "default: the shipped sample")
-  s.add_argument("--tokenizer", default=None, help="tokenizer.model (default: shipped tiny)")
+  s.add_argument("--tokenizer", default=None,
+                 help="tokenizer.model or tokenizer.json (default: shipped tiny)")
   s.add_argument("--seq-len", type=int, default=512)
   s.add_argument("--rows", type=int, default=2)
   s.add_argument("--seed", type=int, default=0)
@@ -85,8 +88,8 @@ def _build(args) -> int:
 
 def _show(args) -> int:
   from medjax.data import pipeline, preview
-  from medjax.data.tokenizer import Tokenizer
-  tok = Tokenizer(args.tokenizer or _default_tokenizer())
+  from medjax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer(args.tokenizer or _default_tokenizer())
   if args.kind == "cpt":
     paths = args.input or [asset_path("medical_text_sample.csv")]
     it = pipeline.make_cpt_iterator(corpus.read_texts(paths), tok, args.seq_len, 1, args.seed)
@@ -135,8 +138,8 @@ def _overlap(args) -> int:
 
 def _bench(args) -> int:
   from medjax.data import preview
-  from medjax.data.tokenizer import Tokenizer
-  tok = Tokenizer(args.tokenizer or _default_tokenizer())
+  from medjax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer(args.tokenizer or _default_tokenizer())
   texts = corpus.read_texts(args.input or [asset_path("medical_text_sample.csv")])
   r = preview.bench_data(texts, tok, args.seq_len, args.batch_size, args.batches)
   print(json.dumps(r, indent=2))
@@ -149,14 +152,16 @@ def _bench(args) -> int:
 def tokenizer_add_args(parser: argparse.ArgumentParser) -> None:
   sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
   e = sub.add_parser("extend", help="add domain pieces to a SentencePiece model")
-  e.add_argument("--base", default=None, help="base tokenizer.model (default: shipped tiny)")
+  e.add_argument("--base", default=None, help="base SentencePiece tokenizer.model (default: "
+                 "shipped tiny); a tokenizer.json base is refused: it already covers Chinese")
   e.add_argument("--corpus", nargs="+", required=True, help="corpus files or folders")
   e.add_argument("--add", type=int, required=True, help="most pieces to add")
   e.add_argument("--out", required=True, help="output folder for tokenizer.model")
   e.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
   r = sub.add_parser("resize", help="grow a checkpoint's embeddings to an extended tokenizer")
   r.add_argument("--checkpoint", required=True, help="medjax model dir or training workdir")
-  r.add_argument("--tokenizer", required=True, help="the extended tokenizer.model")
+  r.add_argument("--tokenizer", required=True,
+                 help="the extended tokenizer.model (or a tokenizer.json)")
   r.add_argument("--out", required=True, help="new model dir (input to train's init_from)")
 
 

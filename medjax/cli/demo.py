@@ -9,7 +9,8 @@ def add_args(p):
   p.add_argument("--quick", action="store_true",
                  help="smaller settings (about 2 minutes on a 2-core CPU)")
   p.add_argument("--base", default=None,
-                 help="Hugging Face Llama dir to start from (default: shipped TinyStories-260K)")
+                 help="Hugging Face Llama 2/3.x or Qwen2/2.5 dir to start from (default: "
+                 "shipped TinyStories-260K); a tokenizer.json base skips vocabulary extension")
   p.add_argument("--corpus", nargs="+", default=None, metavar="FILE",
                  help="medical text files/folders (.csv/.txt/.jsonl; default: shipped sample)")
   p.add_argument("--cmexam", default=None, metavar="FILE",

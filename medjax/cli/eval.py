@@ -11,22 +11,23 @@ from medjax.errors import MedjaxError
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", required=True,
-                 help="an HF Llama dir, a medjax checkpoint, or a training workdir (newest)")
-  p.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
+                 help="an HF Llama/Qwen2 dir, a medjax checkpoint, or a training workdir (newest)")
+  p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the "
+                 "checkpoint's")
   p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
 
 
 def _load(args):
   """(loaded model, tokenizer); a MedjaxError names the checkpoint when it has no tokenizer."""
   import medjax
-  from medjax.data.tokenizer import Tokenizer
+  from medjax.data.tokenizer import load_tokenizer
   overrides = {"dtype": args.dtype} if args.dtype else {}
   loaded = medjax.load(args.checkpoint, **overrides)
   path = args.tokenizer or loaded.tokenizer_path
   if not path:
-    raise MedjaxError(f"{args.checkpoint}: checkpoint has no tokenizer.model; pass "
-                      "--tokenizer PATH")
-  tok = Tokenizer(path)
+    raise MedjaxError(f"{args.checkpoint}: checkpoint has no tokenizer.model or tokenizer.json; "
+                      "pass --tokenizer PATH")
+  tok = load_tokenizer(path)
   if tok.vocab_size > loaded.cfg.vocab_size:
     raise MedjaxError(f"{path}: tokenizer has {tok.vocab_size} pieces but the model "
                       f"{args.checkpoint} has vocab_size={loaded.cfg.vocab_size}")

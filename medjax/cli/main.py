@@ -15,7 +15,7 @@ from medjax.errors import MedjaxError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("medjax.cli.train", "continued pretraining or SFT from a config file"),
-    "import-hf": ("medjax.cli.convert", "convert a Hugging Face Llama checkpoint to medjax"),
+    "import-hf": ("medjax.cli.convert", "convert a Hugging Face Llama/Qwen2 checkpoint to medjax"),
     "export-hf": ("medjax.cli.convert:export", "export a medjax checkpoint to Hugging Face format"),
     "fit": ("medjax.cli.fit", "compile the train step for a TPU topology; report HBM use and FLOPs"),
     "generate": ("medjax.cli.eval:generate", "generate text from a checkpoint"),

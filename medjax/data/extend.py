@@ -15,8 +15,23 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from medjax.data.tokenizer import Tokenizer
+from medjax.data.tokenizer import HF_FILE, Tokenizer
 from medjax.errors import DataError
+
+
+def refuse_bpe_base(base: str | os.PathLike) -> None:
+  """Byte-level BPE bases (tokenizer.json: Qwen2.5, Llama 3) are not extended.
+
+  Raises:
+    DataError: `base` is, or is a directory holding, a tokenizer.json.
+  """
+  p = Path(base)
+  if p.suffix == ".json" or (p.is_dir() and (p / HF_FILE).exists()):
+    raise DataError(
+        f"{base}: a byte-level BPE tokenizer (tokenizer.json) already covers Chinese (every "
+        "character encodes, as bytes at worst, and the Qwen2.5 and Llama 3 vocabularies were "
+        "built on multilingual text); vocabulary extension is for SentencePiece bases such "
+        "as Llama 2's tokenizer.model")
 
 
 def _load_proto(path: Path) -> sentencepiece_model_pb2.ModelProto:
@@ -73,6 +88,7 @@ def extend_tokenizer(base_model_path: str | os.PathLike, texts: Sequence[str], a
   Returns:
     A report dict: base/new vocab sizes, pieces added, tokens per char before/after, path.
   """
+  refuse_bpe_base(base_model_path)
   base_path = Path(base_model_path)
   base = _load_proto(base_path)
   texts = [t for t in texts if t.strip()]

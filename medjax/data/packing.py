@@ -77,13 +77,15 @@ def tokenize_documents(texts: Sequence[str], tokenizer: Tokenizer) -> TokenizedD
   return TokenizedDocs.from_lists(tokenizer.encode_batch(texts, bos=True, eos=True))
 
 
-def encode_sft_example(prompt_ids: list[int], response_ids: list[int], seq_len: int):
+def encode_sft_example(prompt_ids: list[int], response_ids: list[int], seq_len: int,
+                       keep: int = 1):
   """Joins one SFT example, truncating the prompt from the left when it does not fit.
 
   Args:
-    prompt_ids: BOS + prompt tokens.
+    prompt_ids: BOS + prompt tokens (prompt tokens alone for a tokenizer without BOS).
     response_ids: response tokens + EOS.
     seq_len: the row length.
+    keep: leading prompt tokens never cut: 1 for the BOS, 0 without one (Qwen).
 
   Returns:
     (ids, weights): weights[i] = 1 where the target of token i is a response token.
@@ -93,7 +95,7 @@ def encode_sft_example(prompt_ids: list[int], response_ids: list[int], seq_len: 
     raise DataError(f"seq_len={seq_len} cannot hold a {len(response_ids)}-token answer")
   if len(prompt_ids) > room:
     # Keep BOS and the end of the prompt: the options and the answer cue are at the end.
-    prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - room + 1:]
+    prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - room + keep:]
   ids = prompt_ids + response_ids
   n = len(prompt_ids)
   weights = [0] * (n - 1) + [1] * len(response_ids) + [0]
@@ -116,11 +118,12 @@ def tokenize_sft(questions: Sequence[cmexam.Question], tokenizer: Tokenizer, seq
     short = tokenizer.encode_batch([cmexam.format_response(q) for q in questions], bos=False,
                                    eos=True)
   ids, weights, dropped, cut = [], [], 0, 0
+  keep = int(tokenizer.bos_id is not None)
   for p, r, s in zip(prompts, full, short):
     if len(p) + len(r) > seq_len and r is not s:
       r, dropped = s, dropped + 1
     cut += len(p) + len(r) > seq_len
-    i, w = encode_sft_example(p, r, seq_len)
+    i, w = encode_sft_example(p, r, seq_len, keep)
     ids.append(i)
     weights.append(w)
   if dropped or cut:

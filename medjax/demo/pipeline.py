@@ -7,6 +7,8 @@ Steps (Guo & Hua 2023, scaled down to the 260K-parameter TinyStories Llama on a 
   1. import the base model (`hf.import_hf`, as `medjax import-hf`) and check it reproduces a
      known greedy continuation;
   2. extend the tokenizer with Chinese medical pieces and grow the embeddings (`vocab`);
+     skipped for a byte-level BPE base (Qwen2.5, Llama 3: `--base` of either family), whose
+     tokenizer already covers Chinese;
   3. continued pretraining (CPT) on medical text with a 10% TinyStories replay;
   4. SFT on CMExam questions (a stable 200-question hold-out is never trained on);
   5. evaluate base, CPT and SFT side by side (perplexities, CMExam accuracy, samples);
@@ -32,7 +34,7 @@ import ml_collections
 from medjax.assets import asset_path
 from medjax.checkpoints import hf_export, hf_import, load, modeldir, vocab
 from medjax.data import cmexam, corpus, extend
-from medjax.data.tokenizer import Tokenizer
+from medjax.data.tokenizer import load_tokenizer
 from medjax.demo.steps import TOTAL_STEPS, Steps, signature
 from medjax.errors import MedjaxError
 from medjax.evaluation import exam, generate, scoring
@@ -147,11 +149,21 @@ def _import_base(base: str, out: str, shipped: bool) -> dict:
 
 def _extend_vocab(wd: str, base_dir: str, med_train: list[str], med_val: list[str],
                   add_n: int) -> dict:
-  rep = extend.extend_tokenizer(os.path.join(base_dir, modeldir.TOKENIZER), med_train, add_n,
-                                 os.path.join(wd, "tokenizer"))
+  base_tok = modeldir.tokenizer_path(base_dir)
+  if base_tok is None:
+    raise MedjaxError(f"{base_dir}: the base has no tokenizer.model or tokenizer.json")
+  if base_tok.endswith(".json"):  # byte-level BPE: nothing to extend, the base goes on as is
+    tpc = extend.tokens_per_char(load_tokenizer(base_tok), med_val)
+    _log(f"    byte-level BPE base: no vocabulary extension; tokens/char {tpc:.3f}")
+    n = load_tokenizer(base_tok).vocab_size
+    return {"tokenizer": base_tok, "model_dir": base_dir, "base_vocab_size": n,
+            "vocab_size": n, "added": 0, "sample_added": [], "tokens_per_char_before": tpc,
+            "tokens_per_char_after": tpc,
+            "note": f"byte-level BPE base (vocab {n}): no extension, tokens/char {tpc:.2f}"}
+  rep = extend.extend_tokenizer(base_tok, med_train, add_n, os.path.join(wd, "tokenizer"))
   # Measured on the CPT validation documents, which neither the tokenizer nor CPT trains on.
-  before = Tokenizer(os.path.join(base_dir, modeldir.TOKENIZER))
-  after = Tokenizer(rep["path"])
+  before = load_tokenizer(base_tok)
+  after = load_tokenizer(rep["path"])
   tpc0, tpc1 = extend.tokens_per_char(before, med_val), extend.tokens_per_char(after, med_val)
   resized = os.path.join(wd, "base_resized")
   vocab.resize_checkpoint(base_dir, rep["path"], resized, log=_log)
@@ -175,13 +187,15 @@ def _train(steps: Steps, c, workdir: str) -> dict:
 def _evaluate(models: dict[str, str], base_dir: str, tokenizer_path: str, med_val: list[str],
               stories: list[str], questions: list, eval_len: int) -> dict:
   """Perplexities, CMExam accuracy and greedy samples of each model, on the same tokenizer."""
-  tok = Tokenizer(tokenizer_path)
+  tok = load_tokenizer(tokenizer_path)
   med_prompt = cmexam.format_prompt(questions[0])
   rows = {}
   # The original base on its own 512-piece tokenizer: TinyStories numbers only (its medical
   # perplexity would be over byte tokens, not comparable with the extended vocabulary).
-  todo = [("base (original vocab)", base_dir, Tokenizer(os.path.join(base_dir,
-                                                                      "tokenizer.model")), False)]
+  base_tok = modeldir.tokenizer_path(base_dir)
+  extended = base_tok != tokenizer_path  # else the "base" row below is the original base
+  todo = [("base (original vocab)", base_dir, load_tokenizer(base_tok), False)] if extended \
+      else []
   todo += [(name, path, tok, True) for name, path in models.items()]
   for name, path, t, full in todo:
     _log(f"    evaluating {name} ({path})")
@@ -204,8 +218,9 @@ def _evaluate(models: dict[str, str], base_dir: str, tokenizer_path: str, med_va
   note = (f"Held-out sets: {len(med_val)} medical documents (never seen by the tokenizer "
           f"trainer or CPT), {len(stories)} TinyStories stories (excluded from the replay), "
           f"{len(questions)} CMExam questions (excluded from SFT). Perplexity is per token of "
-          "the extended tokenizer for all rows except 'base (original vocab)'. The answer to the "
-          f"sample prompt is {questions[0].answer}.")
+          + ("the extended tokenizer for all rows except 'base (original vocab)'." if extended
+             else "the base's own tokenizer (not extended).")
+          + f" The answer to the sample prompt is {questions[0].answer}.")
   return {"rows": rows, "note": note, "medical_prompt": med_prompt,
           "medical_answer": questions[0].answer}
 
@@ -222,7 +237,7 @@ def _export(src: str, out: str, tokenizer_path: str, texts: list[str]) -> dict:
     return res
   import numpy as np
   text = "Once upon a time, 患者出现头痛和发热，建议及时就医。"
-  tok = Tokenizer(tokenizer_path)
+  tok = load_tokenizer(tokenizer_path)
   ids = tok.encode(text)
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   # Tokenizer parity on held-out text, reported (not enforced): the model is exact either way.
@@ -239,9 +254,8 @@ def _export(src: str, out: str, tokenizer_path: str, texts: list[str]) -> dict:
                   f"medjax's ids on {agree:.0%} of {len(texts)} held-out medical documents")
   _log("    " + res["note"])
   if agree < 1:
-    _log("    warning: transformers' converted (tokenizers) LlamaTokenizer does not reproduce "
-         "SentencePiece on the appended pieces; tokenize with sentencepiece "
-         "(medjax.Tokenizer) to feed the exported model")
+    _log("    warning: AutoTokenizer on the export does not reproduce medjax's tokenizer; "
+         "tokenize with medjax.load_tokenizer to feed the exported model")
   if diff > 1e-3:
     raise MedjaxError(f"exported model disagrees with medjax: max logit difference {diff:.3g}")
   return res
@@ -258,7 +272,7 @@ def run_demo(workdir: str = "medjax-demo", quick: bool = False, base: str | None
   Args:
     workdir: where every artifact goes; finished steps there are reused.
     quick: the small settings (a couple of minutes on a laptop CPU).
-    base: a Hugging Face Llama dir (default: the shipped TinyStories-260K).
+    base: a Hugging Face Llama or Qwen2 dir (default: the shipped TinyStories-260K).
     corpus_paths: medical text files (.csv/.txt/.jsonl; default: the shipped sample).
     cmexam_path: a CMExam CSV (default: the shipped 1,200-question sample).
     redo: ignore finished steps.
@@ -314,20 +328,21 @@ def run_demo(workdir: str = "medjax-demo", quick: bool = False, base: str | None
                          s["sft_batch"], s["sft_seq"], lr=5e-4, with_explanation=True)
   steps.run(4, "sft", f"SFT on {n_tr} CMExam questions, {s['sft_steps']} steps",
             lambda: _train(steps, sft_cfg, sft_dir))
-  models = {"base (resized)": r2["model_dir"], "CPT": cpt_dir, "CPT + SFT": sft_dir}
+  base_row = "base (resized)" if r2["added"] else "base"
+  models = {base_row: r2["model_dir"], "CPT": cpt_dir, "CPT + SFT": sft_dir}
   qs = eval_qs[: s["eval_questions"]]
 
   def eval_step():
     r = _evaluate(models, base_dir, r2["tokenizer"], med_val[: s["eval_medical"]],
                   story_val[: s["eval_stories"]], qs, s["eval_len"])
-    b, c = r["rows"]["base (resized)"]["medical_ppl"], r["rows"]["CPT"]["medical_ppl"]
+    b, c = r["rows"][base_row]["medical_ppl"], r["rows"]["CPT"]["medical_ppl"]
     r["note"] += f" CPT medical perplexity {b:.2f} -> {c:.2f}."
     sft = r["rows"]["CPT + SFT"]
     r["summary"] = (f"CMExam {100 * sft['cmexam_accuracy']:.1f}% after SFT (chance "
                     f"{100 * sft['cmexam_chance']:.1f}%); CPT medical ppl {b:.4g} -> {c:.4g}")
     return r
   r5 = steps.run(5, "eval", "evaluate base, CPT and SFT", eval_step)
-  b, c = r5["rows"]["base (resized)"]["medical_ppl"], r5["rows"]["CPT"]["medical_ppl"]
+  b, c = r5["rows"][base_row]["medical_ppl"], r5["rows"]["CPT"]["medical_ppl"]
   ok = c < b
   _log(f"check: CPT lowered held-out medical perplexity {b:.2f} -> {c:.2f}: "
        f"{'PASS' if ok else 'FAIL'}")

@@ -50,11 +50,12 @@ def candidates(q: cmexam.Question) -> list[str]:
           for c in itertools.combinations(letters, r)]
 
 
-def _fit_prompt(ids: list[int], room: int) -> tuple[list[int], bool]:
-  """Cuts a BOS-first prompt from the left to `room` tokens, as SFT does (keeps the cue)."""
+def _fit_prompt(ids: list[int], room: int, keep: int) -> tuple[list[int], bool]:
+  """Cuts a prompt from the left to `room` tokens, as SFT does (keeps the cue), keeping its
+  first `keep` tokens (1: the BOS; 0 for tokenizers without one)."""
   if len(ids) <= room:
     return ids, False
-  return ids[:1] + ids[len(ids) - room + 1:], True
+  return ids[:keep] + ids[len(ids) - room + keep:], True
 
 
 def score_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam.Question],
@@ -96,7 +97,7 @@ def score_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam
     cands = candidates(q)
     conts = [tokenizer.encode(c, bos=False) for c in cands]
     ctx, cut = _fit_prompt(tokenizer.encode(cmexam.format_prompt(q), bos=True),
-                           max_len - max(len(c) for c in conts))
+                           max_len - max(len(c) for c in conts), int(tokenizer.bos_id is not None))
     truncated += cut
     plan = []
     for c, cont in zip(cands, conts):
@@ -169,7 +170,7 @@ def predict_generate(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cm
   prompts, truncated = [], 0
   for q in questions:
     ids, cut = _fit_prompt(tokenizer.encode(cmexam.format_prompt(q), bos=True),
-                           max_len - max_new_tokens)
+                           max_len - max_new_tokens, int(tokenizer.bos_id is not None))
     prompts.append(ids)
     truncated += cut
   order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

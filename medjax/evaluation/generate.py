@@ -126,7 +126,8 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new
   Args:
     cfg: the model config.
     params: the model params (any layout `cfg` accepts; may be sharded).
-    prompts: B non-empty token id lists (include BOS yourself, as `Tokenizer.encode` does).
+    prompts: B non-empty token id lists (include BOS yourself, as `encode(bos=True)` does
+      for tokenizers that have one).
     max_new_tokens: the most new ids per row.
     temperature: 0 for greedy decoding; otherwise logits are divided by it before sampling.
     top_p: nucleus sampling mass in (0, 1] (ignored when greedy).
@@ -147,7 +148,8 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new
     raise MedjaxError(f"top_p={top_p} must be in (0, 1]")
   for i, p in enumerate(prompts):
     if not len(p):
-      raise MedjaxError(f"prompt {i} is empty (it needs at least a BOS token)")
+      raise MedjaxError(f"prompt {i} is empty (it needs at least one token: a BOS, or text "
+                        "for a tokenizer without BOS)")
     bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
     if bad:
       raise MedjaxError(f"prompt {i}: token id {bad[0]} outside the model's vocabulary "
@@ -176,7 +178,8 @@ def _unpack_model(model) -> tuple[LlamaConfig, dict]:
 def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                   batch_size: int | None = None, stop_at_eos: bool = True) -> list[str]:
-  """Text in, text out: BOS + prompt, generate, decode only the new ids.
+  """Text in, text out: BOS (if the tokenizer has one) + prompt, generate, decode only the
+  new ids.
 
   Args:
     model: a `medjax.load()` result, or a (cfg, params) tuple.

@@ -13,6 +13,11 @@ from medjax.errors import ConfigError
 
 
 ATTENTION = ("einsum", "dot_product", "cudnn", "splash", "auto")
+# The Hugging Face families this one model expresses with its switches (`model_type` says
+# which class `export-hf` writes): Llama 2 / 3.x ("llama") and Qwen2 / Qwen2.5 ("qwen2").
+MODEL_TYPES = ("llama", "qwen2")
+# "default": RoPE with rope_theta; "llama3": Llama 3.1's frequency-dependent scaling.
+ROPE_TYPES = ("default", "llama3")
 # What a layer keeps for the backward pass (the rest is recomputed):
 #   none: everything; full: only the layer's input;
 #   dots_saveable: every matmul output (jax.checkpoint_policies.checkpoint_dots);
@@ -25,8 +30,13 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch", "offload")
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Llama 2 architecture (field names follow HF's `LlamaConfig` where they exist)."""
+  """A Llama-family decoder (field names follow HF's `LlamaConfig` where they exist).
 
+  The defaults are Llama 2; Llama 3.x and Qwen2.5 differ only in the switches below
+  (biases, RoPE scaling, head_dim, tied head) and in their shapes (`PRESETS`).
+  """
+
+  model_type: str = "llama"  # one of MODEL_TYPES: the HF class export-hf writes
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -37,9 +47,18 @@ class LlamaConfig:
   max_position_embeddings: int = 4096
   rms_norm_eps: float = 1e-5
   rope_theta: float = 10000.0
+  # RoPE scaling (HF `rope_scaling`); the factors are read only when rope_type="llama3".
+  rope_type: str = "default"
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position_embeddings: int = 8192
+  qkv_bias: bool = False  # biases on q/k/v (Qwen2; HF Llama's attention_bias)
+  o_bias: bool = False  # bias on the attention output (HF Llama's attention_bias)
+  mlp_bias: bool = False  # biases on gate/up/down (HF Llama's mlp_bias)
   tie_word_embeddings: bool = False
-  bos_token_id: int = 1
-  eos_token_id: int = 2
+  bos_token_id: int | None = 1  # None: the checkpoint names none (Qwen2's configs may not)
+  eos_token_id: int | None = 2
   # Implementation knobs (not part of the HF architecture).
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
@@ -57,6 +76,17 @@ class LlamaConfig:
   lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
 
   def __post_init__(self):
+    if self.model_type not in MODEL_TYPES:
+      raise ConfigError(f"model_type={self.model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ConfigError(f"rope_type={self.rope_type!r}: expected one of {', '.join(ROPE_TYPES)}")
+    if self.rope_type == "llama3" and not (
+        self.rope_factor > 0 and self.rope_high_freq_factor > self.rope_low_freq_factor > 0
+        and self.rope_original_max_position_embeddings > 0):
+      raise ConfigError(f"llama3 RoPE scaling needs factor > 0 and high_freq_factor > "
+                        f"low_freq_factor > 0 (got factor={self.rope_factor}, low_freq_factor="
+                        f"{self.rope_low_freq_factor}, high_freq_factor="
+                        f"{self.rope_high_freq_factor})")
     if self.num_attention_heads % self.num_key_value_heads:
       raise ConfigError(
           f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -86,6 +116,8 @@ class LlamaConfig:
     d, f, h, k, hd = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
                       self.num_key_value_heads, self.hd)
     per_layer = d * hd * (h + 2 * k) + h * hd * d + 3 * d * f + 2 * d
+    per_layer += ((h + 2 * k) * hd if self.qkv_bias else 0) + (d if self.o_bias else 0)
+    per_layer += (2 * f + d) if self.mlp_bias else 0
     n = self.num_hidden_layers * per_layer + d
     if include_embedding:
       n += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
@@ -102,13 +134,34 @@ class LlamaConfig:
     return 6.0 * n + attn
 
 
-# Shapes from the Llama 2 paper / Meta's HF config.json files.
+_LLAMA3 = dict(vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+               rope_type="llama3", bos_token_id=128000, eos_token_id=128001)
+_QWEN25 = dict(model_type="qwen2", qkv_bias=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
+               bos_token_id=151643, eos_token_id=151643)
+
+# Shapes from the Llama 2 paper and the config.json files of Meta's and Qwen's HF checkpoints.
 PRESETS: dict[str, LlamaConfig] = {
     "llama2-7b": LlamaConfig(),
     "llama2-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                               num_attention_heads=40, num_key_value_heads=40),
     "llama2-70b": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                               num_attention_heads=64, num_key_value_heads=8),
+    "llama3.1-8b": LlamaConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336,
+                               num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=8),
+    # Llama 3.2 1B: the small Llama 3 (tied head, RoPE factor 32).
+    "llama3.2-1b": LlamaConfig(**_LLAMA3, hidden_size=2048, intermediate_size=8192,
+                               num_hidden_layers=16, num_attention_heads=32,
+                               num_key_value_heads=8, rope_factor=32.0,
+                               tie_word_embeddings=True),
+    "qwen2.5-7b": LlamaConfig(**_QWEN25, vocab_size=152064, hidden_size=3584,
+                              intermediate_size=18944, num_hidden_layers=28,
+                              num_attention_heads=28, num_key_value_heads=4,
+                              max_position_embeddings=131072),
+    "qwen2.5-0.5b": LlamaConfig(**_QWEN25, vocab_size=151936, hidden_size=896,
+                                intermediate_size=4864, num_hidden_layers=24,
+                                num_attention_heads=14, num_key_value_heads=2,
+                                max_position_embeddings=32768, tie_word_embeddings=True),
     # Tiny shapes for CPU tests.
     "tiny": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512),

@@ -1,4 +1,5 @@
-"""Llama 2 in Flax Linen, computing what HF's `LlamaForCausalLM` computes.
+"""The Llama family in Flax Linen, computing what HF's `LlamaForCausalLM` and
+`Qwen2ForCausalLM` compute (one model; `LlamaConfig` switches biases and RoPE scaling).
 
 Einsum letters: B batch, T query length, S key length, D embed, N query heads, K kv heads,
 G query heads per kv head, H head dim, F mlp, V vocab, R LoRA rank. Each weight is named by its
@@ -45,10 +46,28 @@ class RMSNorm(nn.Module):
     return y.astype(dt) * scale.astype(dt)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-  """HF rotate-half RoPE. x: [B,T,N,H], positions: [B,T]."""
-  h = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+def rope_frequencies(cfg: LlamaConfig) -> Array:
+  """RoPE's inverse frequencies [H/2] (f32), as transformers' rope init functions give them.
+
+  "llama3" (Llama 3.1) keeps high frequencies, divides low ones (wavelength beyond
+  original_max_position_embeddings / low_freq_factor) by `rope_factor`, and blends in between.
+  """
+  h = cfg.hd
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if cfg.rope_type == "default":
+    return inv_freq
+  factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_position_embeddings
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """HF rotate-half RoPE. x: [B,T,N,H], positions: [B,T], inv_freq: [H/2]."""
   ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
   ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]  # [B,T,1,H]
   x32 = x.astype(jnp.float32)
@@ -96,6 +115,7 @@ class Proj(nn.Module):
   axes: tuple[str, ...]
   n_in: int  # how many leading weight dims contract with the input
   lora: bool = False
+  bias: bool = False  # a bias over the output dims (Qwen2's q/k/v)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -104,6 +124,9 @@ class Proj(nn.Module):
     if self.cfg.scan_layers and w.dtype != dt:
       w = w * _loop_variant_one(x, w.dtype)
     y = matmul(self.eqn, x, w.astype(dt), self.n_in)
+    if self.bias:
+      y = y + _param(self, "b", self.shape[self.n_in:], self.axes[self.n_in:],
+                     nn.initializers.zeros).astype(dt)
     if self.lora:
       r = self.cfg.lora_rank
       in_shape, out_shape = self.shape[: self.n_in], self.shape[self.n_in:]
@@ -173,14 +196,16 @@ class Attention(nn.Module):
     c = self.cfg
     n, k, h, d = c.num_attention_heads, c.num_key_value_heads, c.hd, c.hidden_size
     t = c.lora_targets if c.lora_rank else ()
-    q = Proj(c, "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), 1, "q" in t,
+    b = c.qkv_bias
+    q = Proj(c, "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), 1, "q" in t, b,
              name="q")(x)
-    kk = Proj(c, "BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), 1, "k" in t,
+    kk = Proj(c, "BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), 1, "k" in t, b,
               name="k")(x)
-    v = Proj(c, "BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), 1, "v" in t,
+    v = Proj(c, "BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), 1, "v" in t, b,
              name="v")(x)
-    q = rope(q, positions, c.rope_theta)
-    kk = rope(kk, positions, c.rope_theta)
+    inv_freq = rope_frequencies(c)
+    q = rope(q, positions, inv_freq)
+    kk = rope(kk, positions, inv_freq)
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
     new_cache = None
     if cache is not None:  # write this chunk at cache_index, attend over the whole cache
@@ -192,7 +217,7 @@ class Attention(nn.Module):
       kk, v = (jnp.swapaxes(new_cache[n], 1, 2).astype(q.dtype) for n in ("k", "v"))
     out = attend(c, q, kk, v, mask, h ** -0.5)
     out = Proj(c, "BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), 2, "o" in t,
-               name="o")(out)
+               c.o_bias, name="o")(out)
     return out, new_cache
 
 
@@ -204,10 +229,11 @@ class MLP(nn.Module):
     c = self.cfg
     t = c.lora_targets if c.lora_rank else ()
     d, f = c.hidden_size, c.intermediate_size
-    gate = Proj(c, "BTD,DF->BTF", (d, f), ("embed", "mlp"), 1, "gate" in t, name="gate")(x)
-    up = Proj(c, "BTD,DF->BTF", (d, f), ("embed", "mlp"), 1, "up" in t, name="up")(x)
+    b = c.mlp_bias
+    gate = Proj(c, "BTD,DF->BTF", (d, f), ("embed", "mlp"), 1, "gate" in t, b, name="gate")(x)
+    up = Proj(c, "BTD,DF->BTF", (d, f), ("embed", "mlp"), 1, "up" in t, b, name="up")(x)
     h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    return Proj(c, "BTF,FD->BTD", (f, d), ("mlp", "embed"), 1, "down" in t, name="down")(h)
+    return Proj(c, "BTF,FD->BTD", (f, d), ("mlp", "embed"), 1, "down" in t, b, name="down")(h)
 
 
 class Block(nn.Module):

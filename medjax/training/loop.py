@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import signal
 
 import jax
@@ -19,7 +18,7 @@ from medjax.assets import resolve
 from medjax.checkpoints import manager as ckpt_lib
 from medjax.checkpoints import sources
 from medjax.data import from_config
-from medjax.data.tokenizer import Tokenizer
+from medjax.data.tokenizer import copy_tokenizer, load_tokenizer
 from medjax.errors import CheckpointError, ConfigError, DataError
 from medjax.model import config as config_lib
 from medjax.model import llama as model_lib
@@ -82,7 +81,7 @@ def main(c, workdir: str) -> dict:
   tok_path = resolve(c.data.tokenizer) if c.data.tokenizer else tok_path
   if not tok_path:
     raise ConfigError("data.tokenizer: no tokenizer given and the init checkpoint has none")
-  tokenizer = Tokenizer(tok_path)
+  tokenizer = load_tokenizer(tok_path)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ConfigError(f"data.tokenizer {tok_path}: vocabulary {tokenizer.vocab_size} is larger "
                       f"than the model's embedding table ({cfg.vocab_size}); resize the "
@@ -256,6 +255,4 @@ def save_run_files(c, cfg: config_lib.LlamaConfig, tokenizer: str, workdir: str)
     json.dump(c.to_dict(), f, indent=1, default=str)
   with open(os.path.join(workdir, "model_config.json"), "w") as f:
     f.write(config_lib.to_json(cfg))
-  dst = os.path.join(workdir, "tokenizer.model")
-  if os.path.abspath(tokenizer) != os.path.abspath(dst):
-    shutil.copyfile(tokenizer, dst)
+  copy_tokenizer(tokenizer, workdir)

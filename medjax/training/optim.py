@@ -1,5 +1,5 @@
 """The optimizer: AdamW with linear warmup and cosine decay, global-norm clipping, no weight
-decay on norms, and frozen params (LoRA's base, `frozen` prefixes) left untouched."""
+decay on norms and biases, and frozen params (LoRA's base, `frozen` prefixes) left untouched."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def make_optimizer(oc, cfg: LlamaConfig, params_shape, frozen: tuple[str, ...] =
   """
   sched = learning_rate_schedule(oc)
   flat = flatten(params_shape)
-  decay = unflatten({k: (len(v.shape) >= 2 and not k.endswith("scale")) for k, v in flat.items()})
+  # Matrices decay; norm scales and biases (Qwen2's q/k/v) do not, stacked over layers or not.
+  decay = unflatten({k: len(v.shape) >= 2 and not k.endswith(("scale", "/b"))
+                     for k, v in flat.items()})
   adamw = optax.chain(
       optax.clip_by_global_norm(oc.clip_norm) if oc.clip_norm else optax.identity(),
       optax.adamw(sched, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay,

@@ -1,7 +1,9 @@
-"""The paper's recipe (Guo & Hua, 2023) at Llama 2 scale, shared by configs/llama2_*.py.
+"""The paper's recipe (Guo & Hua, 2023), shared by configs/{llama2,qwen2.5,llama3.1}_*.py.
 
 What the paper fixes: a Llama 2 base, continued pretraining on ~1B tokens of Chinese medical
 text, then SFT on the CMExam train split (54,497 questions), evaluated by CMExam accuracy.
+The same recipe runs on the bases chosen for Chinese medicine today, Qwen2.5-7B and
+Llama-3.1-8B (`BASES`): only the base changes, so their results compare with Llama 2's.
 The other settings are ours, with the reason next to each.
 
 `root` is the folder holding the imported model, the data and the runs (layout in README
@@ -16,11 +18,13 @@ from __future__ import annotations
 from medjax.training.config import base_config
 
 DEFAULT_ROOT = "/gcs/YOUR_BUCKET/medjax"
+# Presets with a recipe; `ROOT/BASE` holds the `medjax import-hf` output of each.
+BASES = ("llama2-7b", "llama2-13b", "llama2-70b", "qwen2.5-7b", "llama3.1-8b")
 
 
-def _common(c, size: str, bucket: str):
-  c.model = f"llama2-{size}"  # unused when init_from is set; `medjax fit --config` reads it
-  c.init_from = f"{bucket}/llama2-{size}"  # `medjax import-hf` output of the HF checkpoint
+def _common(c, base: str, bucket: str):
+  c.model = base  # unused when init_from is set; `medjax fit --config` reads it
+  c.init_from = f"{bucket}/{base}"  # `medjax import-hf` output of the HF checkpoint
   c.data.tokenizer = ""  # the checkpoint's; pass an extended one after vocab extension
   c.model_overrides.dtype = "bfloat16"  # bf16 compute, f32 master weights and Adam state
   c.model_overrides.scan_layers = True  # one compiled layer: compile time flat in depth
@@ -34,16 +38,31 @@ def _common(c, size: str, bucket: str):
 
 
 def paper_cpt(size: str, bucket: str = DEFAULT_ROOT):
-  c = _common(base_config(), size, bucket)
+  """The paper's CPT on Llama 2 (`size`: 7b, 13b, 70b)."""
+  return cpt(f"llama2-{size}", bucket)
+
+
+def paper_sft(size: str, bucket: str = DEFAULT_ROOT):
+  """The paper's SFT on Llama 2 (`size`: 7b, 13b, 70b), from the CPT run."""
+  return sft(f"llama2-{size}", bucket)
+
+
+def cpt(base: str, bucket: str = DEFAULT_ROOT):
+  """Continued pretraining of `base` (one of BASES) on the medical corpus."""
+  c = _common(base_config(), base, bucket)
   c.task = "cpt"
   c.data.train = f"{bucket}/data/medical_text"  # folder of .txt/.jsonl/.csv, ~1B tokens
   c.data.replay = f"{bucket}/data/general_text"
   c.data.replay_weight = 0.1  # some general replay against forgetting (not in the paper)
-  c.data.seq_len = 4096  # Llama 2's context length
+  # Llama 2's context length; Qwen2.5 and Llama 3.1 take longer rows, but the same length
+  # keeps the recipes comparable (and Llama 3.1's RoPE scaling only acts beyond 8192).
+  c.data.seq_len = 4096
   # ~1M tokens per step (256 x 4096), the usual CPT batch at this scale: 1B tokens ~ 950 steps.
   c.batch_size = 256
   c.total_steps = 1000
-  c.optim.lr = 3e-5  # Llama 2's final pretraining LR: continues the schedule, little forgetting
+  # Llama 2's final pretraining LR: continues the schedule, little forgetting. Kept for the
+  # newer bases too (a common CPT LR at 7-8B); tune it per base with --config.optim.lr.
+  c.optim.lr = 3e-5
   c.optim.warmup_steps = 50
   c.optim.final_lr_ratio = 0.1
   c.optim.weight_decay = 0.1  # Llama 2's
@@ -54,10 +73,11 @@ def paper_cpt(size: str, bucket: str = DEFAULT_ROOT):
   return c
 
 
-def paper_sft(size: str, bucket: str = DEFAULT_ROOT):
-  c = _common(base_config(), size, bucket)
+def sft(base: str, bucket: str = DEFAULT_ROOT):
+  """SFT of `base` on CMExam, from its CPT workdir."""
+  c = _common(base_config(), base, bucket)
   c.task = "sft"
-  c.init_from = f"{bucket}/runs/llama2-{size}-cpt"  # the CPT workdir
+  c.init_from = f"{bucket}/runs/{base}-cpt"  # the CPT workdir
   c.data.train = f"{bucket}/data/cmexam/train.csv"  # CMExam train split, 54,497 questions
   c.data.with_explanation = True  # answer letters first, then the explanation
   c.data.val_fraction = 0.02
