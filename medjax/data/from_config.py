@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from medjax.assets import resolve
-from medjax.data import cmexam, corpus, pipeline
+from medjax.data import cmexam, corpus, pipeline, tasks
 from medjax.errors import DataError
 
 
@@ -68,9 +68,9 @@ def make_data(c, tokenizer, log):
     train = datasets.load_questions(built, "train")
     val = _optional_split(lambda: datasets.load_questions(built, "validation"))
   else:
-    questions = []
+    questions, task = [], tasks.load_task(c.get("exam", ""))
     for p in paths(d.train):
-      qs, problems = cmexam.read_cmexam(p)
+      qs, problems = cmexam.read_cmexam(p, task)
       for pr in problems[:5]:
         log(f"warning: skipped {pr}")
       if problems:
