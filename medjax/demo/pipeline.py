@@ -12,7 +12,8 @@ Steps (Guo & Hua 2023, scaled down to the 260K-parameter TinyStories Llama on a 
   5. evaluate base, CPT and SFT side by side (perplexities, CMExam accuracy, samples);
   6. export to Hugging Face format and, when torch + transformers are installed, compare
      logits with `transformers`;
-  7. write WORKDIR/report.md with loss curves, the evaluation table and every artifact.
+  7. write the report (`medjax report` of the CPT and SFT runs, after the demo's own
+     sections): WORKDIR/report.md and report.html, with loss curves and every artifact.
 
 Each step records a marker in WORKDIR/steps/ when it finishes; rerunning the same command
 reuses finished steps (an interrupted training step resumes from its checkpoint). Changing the
@@ -33,6 +34,7 @@ from medjax.assets import asset_path
 from medjax.checkpoints import hf_export, hf_import, load, modeldir, vocab
 from medjax.data import cmexam, corpus, extend
 from medjax.data.tokenizer import Tokenizer
+from medjax.demo import report as demo_report
 from medjax.demo.steps import TOTAL_STEPS, Steps, signature
 from medjax.errors import MedjaxError
 from medjax.evaluation import exam, generate, scoring
@@ -70,7 +72,8 @@ def _log(msg: str) -> None:
 
 def train_config(task: str, init_from: str, train: str, tokenizer: str, steps: int, batch: int,
                  seq_len: int, lr: float, replay: str = "", replay_weight: float = 0.0,
-                 with_explanation: bool = False) -> ml_collections.ConfigDict:
+                 with_explanation: bool = False, eval_cmexam: str = "",
+                 eval_text: str = "") -> ml_collections.ConfigDict:
   """A run config built in code from `base_config()` (configs/ may not exist where the
   package is installed): full fine-tuning, one checkpoint at the end."""
   c = base_config()
@@ -89,8 +92,9 @@ def train_config(task: str, init_from: str, train: str, tokenizer: str, steps: i
   c.eval_batches = 2
   c.seed = SEED
   c.optim.update(dict(lr=lr, warmup_steps=max(1, steps // 10), final_lr_ratio=0.1))
-  # The demo runs its own evaluation (step 5); none inside the training loop.
-  c.eval.update(dict(cmexam="", cmexam_limit=0, text="", text_limit=0))
+  # Small in-training evals (held-out CMExam accuracy, TinyStories perplexity) for the
+  # report's domain-gain / forgetting curves; step 5 evaluates the finished models in full.
+  c.eval.update(dict(cmexam=eval_cmexam, cmexam_limit=20, text=eval_text, text_limit=10))
   return c
 
 
@@ -289,6 +293,8 @@ def run_demo(workdir: str = "medjax-demo", quick: bool = False, base: str | None
   story_train, story_val = corpus.split_documents(stories, 0.1, SEED)
   replay = os.path.join(wd, "data", "tinystories_replay.txt")
   _write_stories(story_train, replay)
+  story_heldout = os.path.join(wd, "data", "tinystories_heldout.txt")
+  _write_stories(story_val, story_heldout)
   sft_train = os.path.join(wd, "data", "cmexam_train.csv")
   sft_eval = os.path.join(wd, "data", "cmexam_eval.csv")
   n_tr, n_ev = _split_cmexam(cmexam_path, sft_train, sft_eval, EVAL_QUESTIONS)
@@ -307,11 +313,13 @@ def run_demo(workdir: str = "medjax-demo", quick: bool = False, base: str | None
   cpt_dir, sft_dir = os.path.join(wd, "cpt"), os.path.join(wd, "sft")
   cpt_cfg = train_config("cpt", r2["model_dir"], ",".join(corpus_paths), r2["tokenizer"],
                          s["cpt_steps"], s["cpt_batch"], s["cpt_seq"], lr=3e-3, replay=replay,
-                         replay_weight=REPLAY_WEIGHT)
+                         replay_weight=REPLAY_WEIGHT, eval_cmexam=sft_eval,
+                         eval_text=story_heldout)
   steps.run(3, "cpt", f"continued pretraining, {s['cpt_steps']} steps, "
             f"{REPLAY_WEIGHT:.0%} TinyStories replay", lambda: _train(steps, cpt_cfg, cpt_dir))
   sft_cfg = train_config("sft", cpt_dir, sft_train, r2["tokenizer"], s["sft_steps"],
-                         s["sft_batch"], s["sft_seq"], lr=5e-4, with_explanation=True)
+                         s["sft_batch"], s["sft_seq"], lr=5e-4, with_explanation=True,
+                         eval_cmexam=sft_eval, eval_text=story_heldout)
   steps.run(4, "sft", f"SFT on {n_tr} CMExam questions, {s['sft_steps']} steps",
             lambda: _train(steps, sft_cfg, sft_dir))
   models = {"base (resized)": r2["model_dir"], "CPT": cpt_dir, "CPT + SFT": sft_dir}
@@ -339,26 +347,27 @@ def run_demo(workdir: str = "medjax-demo", quick: bool = False, base: str | None
                  lambda: _export(sft_dir, hf_dir, r2["tokenizer"], med_val[: s["eval_medical"]]))
 
   _log(f"[7/{TOTAL_STEPS}] report")
-  runs = {"CPT": cpt_dir, "SFT": sft_dir}
-  png = report.plot_losses(runs, os.path.join(wd, "loss_curves.png"))
+  runs = report.read_runs([cpt_dir, sft_dir], ["CPT", "SFT"])
   summary = {
       "mode": mode, "workdir": wd, "settings": s, "replay_weight": REPLAY_WEIGHT,
       "reference": r1.get("reference"), "vocab": r2, "eval": r5, "export": r6,
       "cpt_lowered_medical_ppl": ok, "medical_ppl": {"base": b, "cpt": c},
-      "throughput": {k: report.throughput(v) for k, v in runs.items()},
+      "throughput": {r.label: report.throughput(r) for r in runs},
       "steps": steps.timings,
       "artifacts": {
           "base model (imported)": base_dir, "extended tokenizer": r2["tokenizer"],
           "base model (resized vocab)": r2["model_dir"], "CPT workdir": cpt_dir,
-          "SFT workdir": sft_dir, "Hugging Face export": hf_dir, "loss curves": png,
+          "SFT workdir": sft_dir, "Hugging Face export": hf_dir,
+          "loss curves": os.path.join(wd, report.FIGURES["loss"]),
           "CMExam SFT split": sft_train, "CMExam held-out split": sft_eval,
           "TinyStories replay": replay, "summary": os.path.join(wd, "summary.json"),
-          "report": os.path.join(wd, "report.md")},
+          "report": os.path.join(wd, "report.md"),
+          "report (HTML)": os.path.join(wd, "report.html")},
   }
-  report.write_report(summary["artifacts"]["report"], summary, runs, png)
+  report.build(runs, wd, title="medjax demo report", intro=demo_report.sections(summary))
   summary["seconds"] = time.perf_counter() - t0
   with open(summary["artifacts"]["summary"], "w") as f:
     json.dump(summary, f, indent=1, default=str)
-  _log("\n" + report.eval_table(r5["rows"]))
+  _log("\n" + demo_report.eval_table(r5["rows"]))
   _log(f"\nreport: {summary['artifacts']['report']}  ({summary['seconds']:.0f}s in all)")
   return summary
