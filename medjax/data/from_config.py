@@ -18,7 +18,8 @@ def paths(spec: str) -> list[str]:
   return [resolve(p.strip()) for p in spec.split(",") if p.strip()]
 
 
-def _columns(c):
+def csv_columns(c):
+  """data.columns as a tuple (None = the corpus reader's defaults)."""
   cols = c.data.get("columns", "")
   return tuple(x.strip() for x in cols.split(",") if x.strip()) or None
 
@@ -49,7 +50,7 @@ def make_data(c, tokenizer, log):
       val = [corpus.Document(t, built)
              for t in _optional_split(lambda: datasets.load_texts(built, "validation"))]
     else:
-      docs = corpus.read_documents(paths(d.train), _columns(c))
+      docs = corpus.read_documents(paths(d.train), csv_columns(c))
       train, val = corpus.split_documents(docs, d.val_fraction, c.seed)
     if not train:
       raise DataError(f"data.train {d.train}: no training documents after the split")

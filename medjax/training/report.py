@@ -77,8 +77,8 @@ def read_run(workdir: str, label: str | None = None) -> Run:
     raise CheckpointError(f"{workdir}: no such directory")
   has = [f for f in (METRICS_FILE, RUN_CONFIG) if os.path.exists(os.path.join(workdir, f))]
   if not has:
-    raise CheckpointError(f"{os.path.join(workdir, METRICS_FILE)}: not found, nor "
-                          f"{RUN_CONFIG}: {workdir} is not a training workdir")
+    raise CheckpointError(f"{workdir}: not a training workdir (no {METRICS_FILE} or "
+                          f"{RUN_CONFIG})")
   train, evals = read_metrics(workdir)
   config = {}
   if RUN_CONFIG in has:
