@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from medjax import cli
-from medjax.errors import ConfigError
 from medjax.assets import asset_path
 from medjax.checkpoints import hf_config
+from medjax.errors import ConfigError
 from medjax.training import config as runconfig
 from medjax.training import plan
 

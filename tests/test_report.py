@@ -16,8 +16,7 @@ import pytest
 from medjax import cli
 from medjax.assets import asset_path
 from medjax.training import config as runconfig
-from medjax.training import loop
-from medjax.training import report
+from medjax.training import loop, report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEQ = 64
@@ -69,7 +68,7 @@ def _tensorboard_scalars(workdir):
 
 def test_in_training_evals_match_medjax_eval(runs, tmp_path):
   cpt, _, _ = runs
-  train, evals = report.read_metrics(cpt)
+  _, evals = report.read_metrics(cpt)
   assert [e["step"] for e in evals] == [2, 4]
   last = evals[-1]
   assert {"val_loss", "cmexam_acc", "general_ppl"} <= set(last)
@@ -94,7 +93,7 @@ def test_second_exam_schema_trains_and_evaluates(runs, tmp_path, capsys):
   assert train[-1]["loss"] < 20 and train[-1]["loss_tokens_seen"] > 0
   (e,) = evals
   assert e["step"] == 2 and 0 <= e["medqa_usmle_acc"] <= 1 and "cmexam_acc" not in e
-  assert json.load(open(os.path.join(sft, "run_config.json")))["exam"] == "medqa_usmle"
+  assert json.loads(Path(sft, "run_config.json").read_text())["exam"] == "medqa_usmle"
   out = tmp_path / "medqa.json"
   assert cli.main(["eval", "--checkpoint", sft, "--task", "medqa_usmle", "--exam", medqa_eval,
                    "--limit", "6", "--out", str(out)]) == 0

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from conftest_data import tiny_tok  # noqa: F401 (fixture)
 from medjax.assets import asset_path
 from medjax.data import cmexam, tasks
+from medjax.data.tokenizer import Tokenizer
 from medjax.errors import ConfigError, DataError
 from medjax.evaluation import exam
 from medjax.training import config as runconfig
@@ -44,7 +44,8 @@ def test_medqa_sample_reads_with_its_own_columns():
       cmexam.question_to_record(q)))) == q
 
 
-def test_harness_convention_prompt_and_pair_encoding(tmp_path, tiny_tok):
+def test_harness_convention_prompt_and_pair_encoding(tmp_path):
+  tiny_tok = Tokenizer(asset_path("tinystories-260k/tokenizer.model"))
   p = tmp_path / "cmmlu.csv"
   p.write_text(CMMLU_CSV, encoding="utf-8")
   task = tasks.load_task("cmmlu:临床知识")

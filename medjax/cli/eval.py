@@ -65,7 +65,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   _add_model_args(p)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--cmexam", "--exam", dest="cmexam", metavar="FILE.csv",
-                   help="exam CSV to score, in --task's schema (CMExam's by default)")
+                   help="exam CSV to score, in --task's schema (CMExam's by default); "
+                   "asset:NAME for a shipped sample")
   src.add_argument("--text", metavar="FILE", help="text file/folder for perplexity "
                    "(documents as in medjax.data.corpus: blank lines or <|endoftext|> lines)")
   p.add_argument("--task", default="cmexam", help="exam task definition: a shipped name "
@@ -85,8 +86,10 @@ def run(args) -> int:
     raise MedjaxError(f"--limit {args.limit}: must be >= 1")
   if args.batch_size < 1:
     raise MedjaxError(f"--batch-size {args.batch_size}: must be >= 1")
+  from medjax.assets import resolve
   if args.cmexam:
     from medjax.data.cmexam import read_cmexam
+    args.cmexam = resolve(args.cmexam)  # asset:NAME, a shipped sample
     # Read first: fail fast on a bad task or file.
     questions, problems = read_cmexam(args.cmexam, args.task)
     loaded, tok = _load(args)
@@ -100,6 +103,7 @@ def run(args) -> int:
     print(exam.markdown_table(res))
   else:
     from medjax.data.corpus import read_texts
+    args.text = resolve(args.text)
     texts = read_texts(args.text)
     loaded, tok = _load(args)
     texts = texts[: args.limit] if args.limit else texts

@@ -276,7 +276,8 @@ def question_to_record(q: Question) -> dict:
   """A JSON-friendly dict (for array_record / tfds files); inverse of `question_from_record`."""
   return {"question": q.question, "options": list(q.options.items()), "answer": q.answer,
           "explanation": q.explanation, "extra": dict(q.extra), "source": q.source,
-          "task": tasks.to_record(q.task)}
+          # Another task's definition travels with each record; CMExam's is the default.
+          **({} if q.task == tasks.CMEXAM else {"task": tasks.to_record(q.task)})}
 
 
 def question_from_record(r: dict) -> Question:

@@ -273,9 +273,9 @@ def format_plan(rows: list[dict], names: list[str], topology: str, mfu: float, m
   """The plan as text: one line of settings, a table of runs and their sum."""
   chip, dims = parse_topology(topology)
   peak = CHIPS[chip].peak_bf16_flops
-  lines = [f"medjax plan: {topology} ({math.prod(dims)} chips; {chip} peak "
-           f"{peak / 1e12:.0f} TFLOP/s bf16 per chip), ${price:.2f} per chip-hour "
-           f"({price_note})",
+  lines = [(f"medjax plan: {topology} ({math.prod(dims)} chips; {chip} peak "
+            f"{peak / 1e12:.0f} TFLOP/s bf16 per chip), ${price:.2f} per chip-hour "
+            f"({price_note})"),
            f"  MFU {100 * mfu:.1f}% ({mfu_note}); hours scale as 1/MFU"]
   head = ["run", "task", "params", "fits", "steps", "batch x seq", "data tokens", "epochs",
           "step", "tokens/s", "wall h", "chip-h", "cost USD"]

@@ -40,7 +40,7 @@ class Doc:
     """A code block; with `summary` it is folded (HTML <details>)."""
     self.blocks.append(("code", text, lang, summary))
 
-  def extend(self, other: "Doc") -> None:
+  def extend(self, other: Doc) -> None:
     self.blocks.extend(other.blocks)
 
   # ---------------------------------------------------------------------------- writers
