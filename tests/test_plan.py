@@ -89,6 +89,7 @@ def test_cli_fit_column_compiles_the_step(capsys):
     (["--topology", "v5p:2x2x1", "--price", "v5p=free"], "--price v5p=free"),
     (["--topology", "v5p:2x2x1", "--tokens", "1", "--tokens", "2"], "one value per --config"),
     (["--topology", "v5p:2x2x1", "--config.bogus=1"], "bogus"),
+    (["--topology", "v5p:2x2x1", "--mfu", "35"], "--mfu 35.0: expected a fraction"),
 ])
 def test_bad_input_is_one_line(args, needle, capsys):
   assert cli.main(["plan", "--config", SFT, "--no-fit", *args]) == 1

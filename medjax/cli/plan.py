@@ -33,11 +33,11 @@ def add_args(p):
   p.add_argument("--cpu", action="store_true", help="compile for CPU devices, not libtpu")
   p.epilog = ("Config fields are overridden with --config.FIELD=VALUE (every config), "
               "--cpt.FIELD=VALUE or --sft.FIELD=VALUE (the configs of that task), e.g. "
-              "--cpt.accum_steps=16.")
+              "--cpt.accum_steps=16. Exit status 3 when a run does not fit the slice.")
   p.set_defaults(_accepts_rest=True)
 
 
-def _per_config(values: list[str], n: int, flag: str, kind=float) -> list:
+def _per_config(values: list[str], n: int, flag: str) -> list:
   """One value per config, '-' meaning none."""
   if not values:
     return [None] * n
@@ -47,7 +47,7 @@ def _per_config(values: list[str], n: int, flag: str, kind=float) -> list:
   out = []
   for v in values:
     try:
-      out.append(None if v == "-" else kind(float(v)))
+      out.append(None if v == "-" else float(v))
     except ValueError:
       raise ConfigError(f"{flag} {v!r}: expected a number or '-'") from None
   return out
@@ -89,6 +89,8 @@ def run(args):
     mfu = plan.DEFAULT_MFU if args.mfu is None else args.mfu
     mfu_note = ("assumed: a conservative figure for FSDP training on TPU; --mfu or --from-run "
                 "to change it") if args.mfu is None else "given"
+    if not 0 < mfu <= 1:
+      raise ConfigError(f"--mfu {mfu}: expected a fraction in (0, 1], e.g. 0.4")
   configs = _load_configs(args.config, args.rest)
   tokens = _per_config(args.tokens, len(configs), "--tokens")
   epochs = _per_config(args.epochs, len(configs), "--epochs")

@@ -56,11 +56,13 @@ SEED = 0
 # Sizes chosen for a 2-core CPU: quick ~2 min in all, full ~10 min.
 SETTINGS = {
     "quick": dict(add_n=500, cpt_steps=40, cpt_batch=8, cpt_seq=128, sft_steps=30, sft_batch=8,
-                  sft_seq=256, eval_questions=30, eval_medical=20, eval_stories=10, eval_len=256),
+                  sft_seq=256, eval_questions=30, eval_medical=20, eval_stories=10, eval_len=256,
+                  train_eval_questions=5, train_eval_stories=5),
     "full": dict(add_n=1500, cpt_steps=300, cpt_batch=16, cpt_seq=128, sft_steps=150,
                  sft_batch=8, sft_seq=256, eval_questions=EVAL_QUESTIONS, eval_medical=80,
-                 eval_stories=40, eval_len=256),
+                 eval_stories=40, eval_len=256, train_eval_questions=40, train_eval_stories=20),
 }
+# train_eval_*: the questions and stories the in-training evals score at each eval step.
 
 
 def _log(msg: str) -> None:
@@ -73,7 +75,8 @@ def _log(msg: str) -> None:
 def train_config(task: str, init_from: str, train: str, tokenizer: str, steps: int, batch: int,
                  seq_len: int, lr: float, replay: str = "", replay_weight: float = 0.0,
                  with_explanation: bool = False, eval_cmexam: str = "",
-                 eval_text: str = "") -> ml_collections.ConfigDict:
+                 eval_text: str = "", eval_limits: tuple[int, int] = (0, 0)
+                 ) -> ml_collections.ConfigDict:
   """A run config built in code from `base_config()` (configs/ may not exist where the
   package is installed): full fine-tuning, one checkpoint at the end."""
   c = base_config()
@@ -94,7 +97,8 @@ def train_config(task: str, init_from: str, train: str, tokenizer: str, steps: i
   c.optim.update(dict(lr=lr, warmup_steps=max(1, steps // 10), final_lr_ratio=0.1))
   # Small in-training evals (held-out CMExam accuracy, TinyStories perplexity) for the
   # report's domain-gain / forgetting curves; step 5 evaluates the finished models in full.
-  c.eval.update(dict(cmexam=eval_cmexam, cmexam_limit=20, text=eval_text, text_limit=10))
+  c.eval.update(dict(cmexam=eval_cmexam, cmexam_limit=eval_limits[0], text=eval_text,
+                     text_limit=eval_limits[1]))
   return c
 
 
@@ -311,15 +315,17 @@ def run_demo(workdir: str = "medjax-demo", quick: bool = False, base: str | None
   r2 = steps.run(2, "vocab", f"extend the vocabulary with {s['add_n']} medical pieces",
                  lambda: _extend_vocab(wd, base_dir, med_train, med_val, s["add_n"]))
   cpt_dir, sft_dir = os.path.join(wd, "cpt"), os.path.join(wd, "sft")
+  train_eval = (s["train_eval_questions"], s["train_eval_stories"])
   cpt_cfg = train_config("cpt", r2["model_dir"], ",".join(corpus_paths), r2["tokenizer"],
                          s["cpt_steps"], s["cpt_batch"], s["cpt_seq"], lr=3e-3, replay=replay,
                          replay_weight=REPLAY_WEIGHT, eval_cmexam=sft_eval,
-                         eval_text=story_heldout)
+                         eval_text=story_heldout, eval_limits=train_eval)
   steps.run(3, "cpt", f"continued pretraining, {s['cpt_steps']} steps, "
             f"{REPLAY_WEIGHT:.0%} TinyStories replay", lambda: _train(steps, cpt_cfg, cpt_dir))
   sft_cfg = train_config("sft", cpt_dir, sft_train, r2["tokenizer"], s["sft_steps"],
                          s["sft_batch"], s["sft_seq"], lr=5e-4, with_explanation=True,
-                         eval_cmexam=sft_eval, eval_text=story_heldout)
+                         eval_cmexam=sft_eval, eval_text=story_heldout,
+                         eval_limits=train_eval)
   steps.run(4, "sft", f"SFT on {n_tr} CMExam questions, {s['sft_steps']} steps",
             lambda: _train(steps, sft_cfg, sft_dir))
   models = {"base (resized)": r2["model_dir"], "CPT": cpt_dir, "CPT + SFT": sft_dir}

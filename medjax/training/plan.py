@@ -109,7 +109,9 @@ def model_config(c):
   from medjax.model import config as config_lib
   from medjax.training import config as runconfig
   over = runconfig.model_overrides(c)
-  over.pop("lora_rank", None)  # adapters add no FLOPs worth pricing; the base is trained
+  # Priced as full training (6·N per token): a LoRA run skips the frozen base's weight
+  # gradients, so for it this overstates the FLOPs, by up to a third.
+  over.pop("lora_rank", None)
   src = resolve(c.init_from) if c.init_from else ""
   if src and os.path.exists(os.path.join(src, modeldir.MODEL_CONFIG)):
     return modeldir.load_config(src).replace(**over), f"{src}/{modeldir.MODEL_CONFIG}"

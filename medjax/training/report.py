@@ -26,8 +26,8 @@ from medjax.training.report_format import Doc
 RUN_CONFIG = "run_config.json"
 CKPT_DIR = "checkpoints"  # medjax.checkpoints.manager.CKPT_DIR, without importing orbax
 FIGURES = {"loss": "loss_curves.png", "throughput": "throughput.png", "evals": "evals.png"}
-_TITLES = {"val_loss": "validation loss (domain; lower is better)",
-           "general_ppl": "general-text perplexity (forgetting; lower is better)"}
+_TITLES = {"val_loss": "validation loss\n(domain; lower is better)",
+           "general_ppl": "general-text perplexity\n(forgetting; lower is better)"}
 
 
 @dataclasses.dataclass
@@ -161,7 +161,7 @@ def eval_keys(runs: list[Run]) -> list[str]:
 
 def _title(key: str) -> str:
   if key.endswith("_acc"):
-    return f"{key[:-4]} accuracy (domain; higher is better)"
+    return f"{key[:-4]} accuracy\n(domain; higher is better)"
   return _TITLES.get(key, key)
 
 
@@ -233,7 +233,7 @@ def plot_throughput(runs: list[Run], out_png: str) -> str:
 def plot_evals(runs: list[Run], keys: list[str], out_png: str) -> str:
   """One panel per in-training eval: domain metrics and forgetting side by side."""
   plt = _pyplot()
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
   for ax, key in zip(axes[0], keys):
     for i, r in enumerate(runs):
       ev = [e for e in r.evals if key in e]
