@@ -57,12 +57,13 @@ SEED = 0
 SETTINGS = {
     "quick": dict(add_n=500, cpt_steps=40, cpt_batch=8, cpt_seq=128, sft_steps=30, sft_batch=8,
                   sft_seq=256, eval_questions=30, eval_medical=20, eval_stories=10, eval_len=256,
-                  train_eval_questions=5, train_eval_stories=5),
+                  train_eval_questions=0, train_eval_stories=0),
     "full": dict(add_n=1500, cpt_steps=300, cpt_batch=16, cpt_seq=128, sft_steps=150,
                  sft_batch=8, sft_seq=256, eval_questions=EVAL_QUESTIONS, eval_medical=80,
                  eval_stories=40, eval_len=256, train_eval_questions=40, train_eval_stories=20),
 }
-# train_eval_*: the questions and stories the in-training evals score at each eval step.
+# train_eval_*: the questions and stories the in-training evals score at each eval step
+# (0 = validation loss only: the quick mode keeps CI short).
 
 
 def _log(msg: str) -> None:
@@ -97,8 +98,8 @@ def train_config(task: str, init_from: str, train: str, tokenizer: str, steps: i
   c.optim.update(dict(lr=lr, warmup_steps=max(1, steps // 10), final_lr_ratio=0.1))
   # Small in-training evals (held-out CMExam accuracy, TinyStories perplexity) for the
   # report's domain-gain / forgetting curves; step 5 evaluates the finished models in full.
-  c.eval.update(dict(cmexam=eval_cmexam, cmexam_limit=eval_limits[0], text=eval_text,
-                     text_limit=eval_limits[1]))
+  c.eval.update(dict(cmexam=eval_cmexam if eval_limits[0] else "", cmexam_limit=eval_limits[0],
+                     text=eval_text if eval_limits[1] else "", text_limit=eval_limits[1]))
   return c
 
 

@@ -80,7 +80,7 @@ class Logger:
     dt = max(now - self.t_last, 1e-9)
     # Throughput and MFU count every token the model processed (SFT prompts included: the
     # forward and backward run over them); loss-bearing tokens are logged beside them.
-    tokens = float(sum(float(m.get("processed", m["tokens"])) for m in fetched))
+    tokens = float(sum(float(m["processed"]) for m in fetched))
     loss_tokens = float(sum(float(m["tokens"]) for m in fetched))
     self.tokens_seen += tokens
     self.loss_tokens_seen += loss_tokens
