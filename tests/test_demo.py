@@ -74,6 +74,11 @@ def test_quick_demo(quick_run):
   report = (wd / "report.md").read_text()
   assert "loss_curves.png" in report and "| CPT |" in report
   assert os.path.getsize(wd / "loss_curves.png") > 1000
+  # The report is `medjax report` of the CPT and SFT runs after the demo's own sections
+  # (quick mode: validation loss is its only in-training eval).
+  assert report.index("## Evaluation") < report.index("## Domain gain and forgetting")
+  assert "| CPT | val_loss |" in report and "| SFT | val_loss |" in report
+  assert (wd / "report.html").read_text().count("data:image/png;base64,") == 3
   assert (wd / "hf" / "config.json").exists() and (wd / "hf" / "tokenizer.model").exists()
   print(f"medjax demo --quick took {secs:.0f}s")
 

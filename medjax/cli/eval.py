@@ -65,9 +65,14 @@ def generate_run(args) -> int:
 def add_args(p: argparse.ArgumentParser) -> None:
   _add_model_args(p)
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--cmexam", metavar="FILE.csv", help="CMExam CSV to score")
+  src.add_argument("--cmexam", "--exam", dest="cmexam", metavar="FILE.csv",
+                   help="exam CSV to score, in --task's schema (CMExam's by default); "
+                   "asset:NAME for a shipped sample")
   src.add_argument("--text", metavar="FILE", help="text file/folder for perplexity "
                    "(documents as in medjax.data.corpus: blank lines or <|endoftext|> lines)")
+  p.add_argument("--task", default="cmexam", help="exam task definition: a shipped name "
+                 "(cmexam, medqa_usmle, cmmlu:SUBJECT, ceval:SUBJECT; the last two are "
+                 "lm-evaluation-harness's prompt, target ' A') or a task .json file")
   p.add_argument("--method", choices=("loglik", "generate"), default="loglik")
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--limit", type=int, help="evaluate only the first N questions/documents")
@@ -82,9 +87,12 @@ def run(args) -> int:
     raise MedjaxError(f"--limit {args.limit}: must be >= 1")
   if args.batch_size < 1:
     raise MedjaxError(f"--batch-size {args.batch_size}: must be >= 1")
+  from medjax.assets import resolve
   if args.cmexam:
     from medjax.data.cmexam import read_cmexam
-    questions, problems = read_cmexam(args.cmexam)  # read first: fail fast on a bad file
+    args.cmexam = resolve(args.cmexam)  # asset:NAME, a shipped sample
+    # Read first: fail fast on a bad task or file.
+    questions, problems = read_cmexam(args.cmexam, args.task)
     loaded, tok = _load(args)
     questions = questions[: args.limit] if args.limit else questions
     for pr in problems:
@@ -92,10 +100,11 @@ def run(args) -> int:
     res = exam.evaluate_cmexam(
         loaded.cfg, loaded.params, tok, questions, args.batch_size, args.method, problems,
         args.max_new_tokens, args.max_len, progress=True, return_predictions=bool(args.out))
-    res.update(checkpoint=args.checkpoint, data=args.cmexam)
+    res.update(checkpoint=args.checkpoint, data=args.cmexam, task=questions[0].task.name)
     print(exam.markdown_table(res))
   else:
     from medjax.data.corpus import read_texts
+    args.text = resolve(args.text)
     texts = read_texts(args.text)
     loaded, tok = _load(args)
     texts = texts[: args.limit] if args.limit else texts

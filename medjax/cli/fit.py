@@ -52,15 +52,23 @@ def _read_config(spec: str) -> dict:
   return {k: v for k, v in out.items() if v not in (None, "")}
 
 
+def cpu_devices_for(topology: str) -> None:
+  """Room for a CPU estimate of `topology`: as many CPU devices as chips. Must run before
+  jax starts its CPU backend."""
+  from medjax.training.fit import parse_topology
+  _, dims = parse_topology(topology)
+  if not os.environ.get("XLA_FLAGS", "").count("device_count"):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={math.prod(dims)}"
+                               ).strip()
+
+
 def run(args):
   from medjax.model import config as config_lib
   from medjax.training.fit import fit_report, format_report, parse_topology
   chip, dims = parse_topology(args.topology)
   n = math.prod(dims)
-  if not os.environ.get("XLA_FLAGS", "").count("device_count"):
-    # Room for a CPU estimate; must happen before jax starts its CPU backend.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={n}").strip()
+  cpu_devices_for(args.topology)
   c = _read_config(args.config) if args.config else {}
   overrides = dict(c.get("overrides", {}))
   overrides.setdefault("dtype", "bfloat16")

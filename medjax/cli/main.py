@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("medjax.cli.convert", "convert a Hugging Face Llama/Qwen2 checkpoint to medjax"),
     "export-hf": ("medjax.cli.convert:export", "export a medjax checkpoint to Hugging Face format"),
     "fit": ("medjax.cli.fit", "compile the train step for a TPU topology; report HBM use and FLOPs"),
+    "plan": ("medjax.cli.plan", "price a recipe before launch: fits, step time, hours and cost"),
+    "report": ("medjax.cli.report", "report of training runs: curves, evals, throughput (MD+HTML)"),
     "generate": ("medjax.cli.eval:generate", "generate text from a checkpoint"),
     "eval": ("medjax.cli.eval", "CMExam accuracy or text perplexity of a checkpoint"),
     "data": ("medjax.cli.data", "build, inspect and check datasets (build/show/overlap/bench)"),

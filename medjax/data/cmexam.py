@@ -1,17 +1,19 @@
-"""CMExam multiple-choice questions: CSV reader and the prompt template shared by SFT and eval.
+"""Multiple-choice exam CSVs (CMExam by default): the reader and the prompt shared by SFT and eval.
 
-A CMExam CSV has the columns `Question, Options, Answer, Explanation`. `Options` is one string
-with one option per line, "A 原发病"; lines are separated by real newlines or by the two
-characters backslash and `n` (both occur in copies of the dataset). `Answer` is the correct
-letters run together ("C", "ABD"). Any other column (e.g. the annotated test file's
-`Disease Group, Area of Competency, Clinical Department, Medical Discipline, Difficulty level`)
-is carried through in `Question.extra`.
+Which columns hold what, and how the prompt is written, comes from an exam task definition
+(`medjax.data.tasks`; `tasks.CMEXAM` unless another is given). A CMExam CSV has the columns
+`Question, Options, Answer, Explanation`. `Options` is one string with one option per line,
+"A 原发病"; lines are separated by real newlines or by the two characters backslash and `n`
+(both occur in copies of the dataset). A task may instead name one column per option
+("option_a,...,option_e"). `Answer` is the correct letters run together ("C", "ABD"). Any
+other column (e.g. the annotated test file's `Disease Group, Area of Competency, Clinical
+Department, Medical Discipline, Difficulty level`) is carried through in `Question.extra`.
 
 Rows that cannot be parsed are never dropped silently: `read_cmexam` returns them as
 `Problem`s with file, line and reason, and the CLIs print them.
 
-The prompt template (`PROMPT_TEMPLATE`) is used verbatim by SFT (`medjax.data`) and by
-evaluation, so a fine-tuned model is scored on exactly the text it was trained on:
+Each `Question` carries its task, so `format_prompt` (used verbatim by SFT in `medjax.data`
+and by evaluation) writes the prompt the model is trained and scored on. CMExam's:
 
     以下是中国医师资格考试的选择题，请选出正确答案。
     {question}
@@ -32,13 +34,14 @@ import os
 import re
 from pathlib import Path
 
+from medjax.data import tasks
+from medjax.data.tasks import ExamTask
 from medjax.errors import DataError
 
-REQUIRED_COLUMNS = ("Question", "Options", "Answer", "Explanation")
-PROMPT_HEADER = "以下是中国医师资格考试的选择题，请选出正确答案。"
-ANSWER_CUE = "答案："
-EXPLANATION_CUE = "\n解析："
-PROMPT_TEMPLATE = PROMPT_HEADER + "\n{question}\n{options}\n" + ANSWER_CUE
+# CMExam's prompt pieces (the default task's), for callers that show or check them.
+PROMPT_HEADER = tasks.CMEXAM.header.rstrip("\n")
+ANSWER_CUE = tasks.CMEXAM.answer_cue
+EXPLANATION_CUE = tasks.CMEXAM.explanation_cue
 
 # "A 原发病", "A. 原发病", "A、原发病", "(A) ..." -> ("A", "原发病").
 _OPTION_RE = re.compile(r"^\s*[（(]?([A-Z])[)）]?\s*[.．、:：]?\s*(.*?)\s*$")
@@ -49,7 +52,7 @@ _MISSING = ("", "nan", "none", "null")
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-  """One CMExam question.
+  """One exam question (CMExam's, or another task's).
 
   Attributes:
     question: the stem.
@@ -58,6 +61,7 @@ class Question:
     explanation: the official explanation ("" when absent).
     extra: other CSV columns (annotations such as "Difficulty level"), by column name.
     source: "file:line" of the row's first line in its CSV.
+    task: the exam task it was read with (its prompt convention).
   """
 
   question: str
@@ -66,6 +70,7 @@ class Question:
   explanation: str = ""
   extra: dict[str, str] = dataclasses.field(default_factory=dict)
   source: str = ""
+  task: ExamTask = tasks.CMEXAM
 
   @property
   def is_multi(self) -> bool:
@@ -128,19 +133,23 @@ def parse_answer(text: str, options: dict[str, str]) -> str:
   return "".join(sorted(set(letters)))
 
 
-def read_cmexam(path: str | os.PathLike) -> tuple[list[Question], list[Problem]]:
-  """Reads a CMExam CSV.
+def read_cmexam(path: str | os.PathLike, task: ExamTask | str | None = None
+                ) -> tuple[list[Question], list[Problem]]:
+  """Reads an exam CSV with the columns its task names.
 
   Args:
-    path: a UTF-8 CSV with at least the columns Question, Options, Answer, Explanation.
+    path: a UTF-8 CSV (CMExam's: Question, Options, Answer, Explanation).
+    task: an ExamTask or a name/path for `tasks.load_task` (default CMExam).
 
   Returns:
     (questions, problems): the parsed questions in file order, and one `Problem` per row
     that could not be parsed (file, line, reason).
 
   Raises:
-    DataError: missing file or column, a file that is not UTF-8, or no data rows.
+    DataError: missing file, a column the task names that the CSV lacks, a file that is
+      not UTF-8, or no data rows.
   """
+  task = tasks.load_task(task)
   path = Path(path)
   try:
     raw = path.read_bytes()
@@ -157,11 +166,13 @@ def read_cmexam(path: str | os.PathLike) -> tuple[list[Question], list[Problem]]
   if not header:
     raise DataError(f"{path}: empty file (no header row)")
   header = [h.strip() for h in header]
-  for col in REQUIRED_COLUMNS:
+  used = task.columns()
+  for field, col in used.items():
     if col not in header:
-      raise DataError(f"{path}:1: missing column {col!r} (header: {', '.join(header)})")
+      raise DataError(f"{path}:1: missing column {col!r} (task {task.name!r}, field "
+                      f"{field.split('[')[0]!r}; header: {', '.join(header)})")
   idx = {h: i for i, h in enumerate(header)}
-  extra_cols = [h for h in header if h not in REQUIRED_COLUMNS and h]
+  extra_cols = [h for h in header if h not in used.values() and h]
 
   questions: list[Question] = []
   problems: list[Problem] = []
@@ -177,17 +188,23 @@ def read_cmexam(path: str | os.PathLike) -> tuple[list[Question], list[Problem]]
       continue
     get = lambda col: row[idx[col]].strip()  # noqa: E731
     try:
-      if not get("Question"):
-        raise ValueError("empty Question")
-      options = parse_options(get("Options"))
-      answer = parse_answer(get("Answer"), options)
+      if not get(task.question):
+        raise ValueError(f"empty {task.question}")
+      if task.option_columns:
+        options = _column_options([get(c) for c in task.option_columns])
+      else:
+        options = parse_options(get(task.options))
+      answer = parse_answer(get(task.answer), options)
+      if task.single_answer and len(answer) > 1:
+        raise ValueError(f"answer {answer!r} has several letters; task {task.name!r} is "
+                         "single-answer")
     except ValueError as e:
       problems.append(Problem(str(path), line, str(e)))
       continue
     questions.append(Question(
-        question=get("Question"), options=options, answer=answer,
-        explanation=_clean(get("Explanation")), extra={c: _clean(get(c)) for c in extra_cols},
-        source=f"{path}:{line}"))
+        question=get(task.question), options=options, answer=answer,
+        explanation=_clean(get(task.explanation)) if task.explanation else "",
+        extra={c: _clean(get(c)) for c in extra_cols}, source=f"{path}:{line}", task=task))
   if rows == 0:
     raise DataError(f"{path}: no data rows")
   if not questions:  # every row is bad: most likely the wrong file or format
@@ -195,24 +212,36 @@ def read_cmexam(path: str | os.PathLike) -> tuple[list[Question], list[Problem]]
   return questions, problems
 
 
+def _column_options(cells: list[str]) -> dict[str, str]:
+  """Options from one column per letter; trailing empty cells mean fewer options."""
+  while cells and _clean(cells[-1]) == "":
+    cells = cells[:-1]
+  if any(_clean(c) == "" for c in cells):
+    raise ValueError("an empty option before the last one")
+  if len(cells) < 2:
+    raise ValueError(f"need at least 2 options, found {len(cells)}")
+  return {chr(ord("A") + i): c for i, c in enumerate(cells)}
+
+
 def _clean(cell: str) -> str:
   return "" if cell.lower() in _MISSING else cell
 
 
 def format_options(q: Question) -> str:
-  return "\n".join(f"{k}. {v}" for k, v in q.options.items())
+  """The options as the prompt writes them, one per line."""
+  return q.task.format_options(q.options)
 
 
 def format_prompt(q: Question) -> str:
-  """The model input for a question: `PROMPT_TEMPLATE` filled in, ending with "答案：".
+  """The model input for a question, in its task's convention, ending with the answer cue.
 
   Args:
     q: the question.
 
   Returns:
-    The prompt text (no trailing space, so the answer letter is the next token).
+    The prompt text (no trailing space, so the answer is the next token).
   """
-  return PROMPT_TEMPLATE.format(question=q.question, options=format_options(q))
+  return q.task.prompt(q.question, q.options)
 
 
 def format_response(q: Question, with_explanation: bool = False) -> str:
@@ -220,14 +249,16 @@ def format_response(q: Question, with_explanation: bool = False) -> str:
 
   Args:
     q: the question.
-    with_explanation: append "\\n解析：" and the explanation (when the question has one).
+    with_explanation: append the task's explanation cue ("\\n解析：") and the explanation
+      (when the question has one).
 
   Returns:
     E.g. "C" or "ABD\\n解析：...".
   """
+  target = q.task.target_delimiter + q.answer
   if with_explanation and q.explanation:
-    return q.answer + EXPLANATION_CUE + q.explanation
-  return q.answer
+    return target + q.task.explanation_cue + q.explanation
+  return target
 
 
 def chance_accuracy(q: Question) -> float:
@@ -244,10 +275,12 @@ def chance_accuracy(q: Question) -> float:
 def question_to_record(q: Question) -> dict:
   """A JSON-friendly dict (for array_record / tfds files); inverse of `question_from_record`."""
   return {"question": q.question, "options": list(q.options.items()), "answer": q.answer,
-          "explanation": q.explanation, "extra": dict(q.extra), "source": q.source}
+          "explanation": q.explanation, "extra": dict(q.extra), "source": q.source,
+          # Another task's definition travels with each record; CMExam's is the default.
+          **({} if q.task == tasks.CMEXAM else {"task": tasks.to_record(q.task)})}
 
 
 def question_from_record(r: dict) -> Question:
   return Question(question=r["question"], options=dict(r["options"]), answer=r["answer"],
                   explanation=r.get("explanation", ""), extra=dict(r.get("extra", {})),
-                  source=r.get("source", ""))
+                  source=r.get("source", ""), task=tasks.from_record(r.get("task")))

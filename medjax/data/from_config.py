@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from medjax.assets import resolve
-from medjax.data import cmexam, corpus, pipeline
+from medjax.data import cmexam, corpus, pipeline, tasks
 from medjax.errors import DataError
 
 
@@ -18,7 +18,8 @@ def paths(spec: str) -> list[str]:
   return [resolve(p.strip()) for p in spec.split(",") if p.strip()]
 
 
-def _columns(c):
+def csv_columns(c):
+  """data.columns as a tuple (None = the corpus reader's defaults)."""
   cols = c.data.get("columns", "")
   return tuple(x.strip() for x in cols.split(",") if x.strip()) or None
 
@@ -49,7 +50,7 @@ def make_data(c, tokenizer, log):
       val = [corpus.Document(t, built)
              for t in _optional_split(lambda: datasets.load_texts(built, "validation"))]
     else:
-      docs = corpus.read_documents(paths(d.train), _columns(c))
+      docs = corpus.read_documents(paths(d.train), csv_columns(c))
       train, val = corpus.split_documents(docs, d.val_fraction, c.seed)
     if not train:
       raise DataError(f"data.train {d.train}: no training documents after the split")
@@ -68,9 +69,9 @@ def make_data(c, tokenizer, log):
     train = datasets.load_questions(built, "train")
     val = _optional_split(lambda: datasets.load_questions(built, "validation"))
   else:
-    questions = []
+    questions, task = [], tasks.load_task(c.get("exam", ""))
     for p in paths(d.train):
-      qs, problems = cmexam.read_cmexam(p)
+      qs, problems = cmexam.read_cmexam(p, task)
       for pr in problems[:5]:
         log(f"warning: skipped {pr}")
       if problems:

@@ -14,7 +14,8 @@ Steps (Guo & Hua 2023, scaled down to the 260K-parameter TinyStories Llama on a 
   5. evaluate base, CPT and SFT side by side (perplexities, CMExam accuracy, samples);
   6. export to Hugging Face format and, when torch + transformers are installed, compare
      logits with `transformers`;
-  7. write WORKDIR/report.md with loss curves, the evaluation table and every artifact.
+  7. write the report (`medjax report` of the CPT and SFT runs, after the demo's own
+     sections): WORKDIR/report.md and report.html, with loss curves and every artifact.
 
 Each step records a marker in WORKDIR/steps/ when it finishes; rerunning the same command
 reuses finished steps (an interrupted training step resumes from its checkpoint). Changing the
@@ -35,6 +36,7 @@ from medjax.assets import asset_path
 from medjax.checkpoints import hf_export, hf_import, load, modeldir, vocab
 from medjax.data import cmexam, corpus, extend
 from medjax.data.tokenizer import load_tokenizer
+from medjax.demo import report as demo_report
 from medjax.demo.steps import TOTAL_STEPS, Steps, signature
 from medjax.errors import MedjaxError
 from medjax.evaluation import exam, generate, scoring
@@ -56,11 +58,14 @@ SEED = 0
 # Sizes chosen for a 2-core CPU: quick ~2 min in all, full ~10 min.
 SETTINGS = {
     "quick": dict(add_n=500, cpt_steps=40, cpt_batch=8, cpt_seq=128, sft_steps=30, sft_batch=8,
-                  sft_seq=256, eval_questions=30, eval_medical=20, eval_stories=10, eval_len=256),
+                  sft_seq=256, eval_questions=30, eval_medical=20, eval_stories=10, eval_len=256,
+                  train_eval_questions=0, train_eval_stories=0),
     "full": dict(add_n=1500, cpt_steps=300, cpt_batch=16, cpt_seq=128, sft_steps=150,
                  sft_batch=8, sft_seq=256, eval_questions=EVAL_QUESTIONS, eval_medical=80,
-                 eval_stories=40, eval_len=256),
+                 eval_stories=40, eval_len=256, train_eval_questions=40, train_eval_stories=20),
 }
+# train_eval_*: the questions and stories the in-training evals score at each eval step
+# (0 = validation loss only: the quick mode keeps CI short).
 
 
 def _log(msg: str) -> None:
@@ -72,7 +77,9 @@ def _log(msg: str) -> None:
 
 def train_config(task: str, init_from: str, train: str, tokenizer: str, steps: int, batch: int,
                  seq_len: int, lr: float, replay: str = "", replay_weight: float = 0.0,
-                 with_explanation: bool = False) -> ml_collections.ConfigDict:
+                 with_explanation: bool = False, eval_cmexam: str = "",
+                 eval_text: str = "", eval_limits: tuple[int, int] = (0, 0)
+                 ) -> ml_collections.ConfigDict:
   """A run config built in code from `base_config()` (configs/ may not exist where the
   package is installed): full fine-tuning, one checkpoint at the end."""
   c = base_config()
@@ -91,8 +98,10 @@ def train_config(task: str, init_from: str, train: str, tokenizer: str, steps: i
   c.eval_batches = 2
   c.seed = SEED
   c.optim.update(dict(lr=lr, warmup_steps=max(1, steps // 10), final_lr_ratio=0.1))
-  # The demo runs its own evaluation (step 5); none inside the training loop.
-  c.eval.update(dict(cmexam="", cmexam_limit=0, text="", text_limit=0))
+  # Small in-training evals (held-out CMExam accuracy, TinyStories perplexity) for the
+  # report's domain-gain / forgetting curves; step 5 evaluates the finished models in full.
+  c.eval.update(dict(cmexam=eval_cmexam if eval_limits[0] else "", cmexam_limit=eval_limits[0],
+                     text=eval_text if eval_limits[1] else "", text_limit=eval_limits[1]))
   return c
 
 
@@ -303,6 +312,8 @@ def run_demo(workdir: str = "medjax-demo", quick: bool = False, base: str | None
   story_train, story_val = corpus.split_documents(stories, 0.1, SEED)
   replay = os.path.join(wd, "data", "tinystories_replay.txt")
   _write_stories(story_train, replay)
+  story_heldout = os.path.join(wd, "data", "tinystories_heldout.txt")
+  _write_stories(story_val, story_heldout)
   sft_train = os.path.join(wd, "data", "cmexam_train.csv")
   sft_eval = os.path.join(wd, "data", "cmexam_eval.csv")
   n_tr, n_ev = _split_cmexam(cmexam_path, sft_train, sft_eval, EVAL_QUESTIONS)
@@ -319,13 +330,17 @@ def run_demo(workdir: str = "medjax-demo", quick: bool = False, base: str | None
   r2 = steps.run(2, "vocab", f"extend the vocabulary with {s['add_n']} medical pieces",
                  lambda: _extend_vocab(wd, base_dir, med_train, med_val, s["add_n"]))
   cpt_dir, sft_dir = os.path.join(wd, "cpt"), os.path.join(wd, "sft")
+  train_eval = (s["train_eval_questions"], s["train_eval_stories"])
   cpt_cfg = train_config("cpt", r2["model_dir"], ",".join(corpus_paths), r2["tokenizer"],
                          s["cpt_steps"], s["cpt_batch"], s["cpt_seq"], lr=3e-3, replay=replay,
-                         replay_weight=REPLAY_WEIGHT)
+                         replay_weight=REPLAY_WEIGHT, eval_cmexam=sft_eval,
+                         eval_text=story_heldout, eval_limits=train_eval)
   steps.run(3, "cpt", f"continued pretraining, {s['cpt_steps']} steps, "
             f"{REPLAY_WEIGHT:.0%} TinyStories replay", lambda: _train(steps, cpt_cfg, cpt_dir))
   sft_cfg = train_config("sft", cpt_dir, sft_train, r2["tokenizer"], s["sft_steps"],
-                         s["sft_batch"], s["sft_seq"], lr=5e-4, with_explanation=True)
+                         s["sft_batch"], s["sft_seq"], lr=5e-4, with_explanation=True,
+                         eval_cmexam=sft_eval, eval_text=story_heldout,
+                         eval_limits=train_eval)
   steps.run(4, "sft", f"SFT on {n_tr} CMExam questions, {s['sft_steps']} steps",
             lambda: _train(steps, sft_cfg, sft_dir))
   base_row = "base (resized)" if r2["added"] else "base"
@@ -354,26 +369,27 @@ def run_demo(workdir: str = "medjax-demo", quick: bool = False, base: str | None
                  lambda: _export(sft_dir, hf_dir, r2["tokenizer"], med_val[: s["eval_medical"]]))
 
   _log(f"[7/{TOTAL_STEPS}] report")
-  runs = {"CPT": cpt_dir, "SFT": sft_dir}
-  png = report.plot_losses(runs, os.path.join(wd, "loss_curves.png"))
+  runs = report.read_runs([cpt_dir, sft_dir], ["CPT", "SFT"])
   summary = {
       "mode": mode, "workdir": wd, "settings": s, "replay_weight": REPLAY_WEIGHT,
       "reference": r1.get("reference"), "vocab": r2, "eval": r5, "export": r6,
       "cpt_lowered_medical_ppl": ok, "medical_ppl": {"base": b, "cpt": c},
-      "throughput": {k: report.throughput(v) for k, v in runs.items()},
+      "throughput": {r.label: report.throughput(r) for r in runs},
       "steps": steps.timings,
       "artifacts": {
           "base model (imported)": base_dir, "extended tokenizer": r2["tokenizer"],
           "base model (resized vocab)": r2["model_dir"], "CPT workdir": cpt_dir,
-          "SFT workdir": sft_dir, "Hugging Face export": hf_dir, "loss curves": png,
+          "SFT workdir": sft_dir, "Hugging Face export": hf_dir,
+          "loss curves": os.path.join(wd, report.FIGURES["loss"]),
           "CMExam SFT split": sft_train, "CMExam held-out split": sft_eval,
           "TinyStories replay": replay, "summary": os.path.join(wd, "summary.json"),
-          "report": os.path.join(wd, "report.md")},
+          "report": os.path.join(wd, "report.md"),
+          "report (HTML)": os.path.join(wd, "report.html")},
   }
-  report.write_report(summary["artifacts"]["report"], summary, runs, png)
+  report.build(runs, wd, title="medjax demo report", intro=demo_report.sections(summary))
   summary["seconds"] = time.perf_counter() - t0
   with open(summary["artifacts"]["summary"], "w") as f:
     json.dump(summary, f, indent=1, default=str)
-  _log("\n" + report.eval_table(r5["rows"]))
+  _log("\n" + demo_report.eval_table(r5["rows"]))
   _log(f"\nreport: {summary['artifacts']['report']}  ({summary['seconds']:.0f}s in all)")
   return summary

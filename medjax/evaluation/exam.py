@@ -1,18 +1,20 @@
-"""CMExam accuracy: log-likelihood of candidate answers (`scoring.score_rows`), or greedy
-generation with the answer letters extracted. The drivers take (cfg, params, tokenizer,
+"""Exam accuracy (CMExam, or any `medjax.data.tasks` exam): log-likelihood of candidate
+answers (`scoring.score_rows`), or greedy generation with the answer letters extracted. The drivers take (cfg, params, tokenizer,
 questions, batch_size) and return plain dicts, so the training loop calls them for periodic
 evaluation as well as `medjax eval`.
 
-CMExam log-likelihood policy (`score_cmexam`). The prompt is `cmexam.format_prompt(q)`, BOS +
-prompt tokens, and each candidate answer is tokenised on its own (`encode(c, bos=False)`),
-exactly as SFT (`medjax.data.tokenize_sft`) joins prompt and response.
+Log-likelihood policy (`score_cmexam`). The prompt is `cmexam.format_prompt(q)` (the
+question's task's convention), BOS + prompt tokens, and each candidate answer is tokenised
+on its own (`encode(c, bos=False)`), exactly as SFT (`medjax.data.tokenize_sft`) joins prompt
+and response. A task with a `target_delimiter` (the lm-evaluation-harness convention, target
+" A") scores the tail of encode(prompt + " A") beyond encode(prompt) instead, as the harness.
 
 - Single-answer question: the candidates are the option letters; a letter's score is the
   log-probability of its token(s) after the prompt. The highest wins.
 - Multiple-answer question: the candidates are every letter set of size >= 2 of its options
   (26 for five options), written as sorted letters ("ABD"). A candidate's score is the total
   log-probability of its tokens plus the log-probability that the answer ends there (the
-  next token is EOS, or the first token of "\\n解析：" that follows the letters in SFT data
+  next token is EOS, or the first token of the explanation cue ("\\n解析：") that follows the letters in SFT data
   with explanations). Without that end term "AB" would always beat "ABD" whenever "AB"
   tokenises as a prefix of "ABD", since log-probabilities only add negative terms.
 - Like the chance baseline (`cmexam.chance_accuracy`), this uses the dataset's knowledge of
@@ -21,6 +23,7 @@ exactly as SFT (`medjax.data.tokenize_sft`) joins prompt and response.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import unicodedata
@@ -30,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medjax.data import cmexam
+from medjax.data.tasks import ExamTask
 from medjax.errors import MedjaxError
 from medjax.evaluation import generate as generate_lib
 from medjax.evaluation import scoring
@@ -56,6 +60,20 @@ def _fit_prompt(ids: list[int], room: int, keep: int) -> tuple[list[int], bool]:
   if len(ids) <= room:
     return ids, False
   return ids[:keep] + ids[len(ids) - room + keep:], True
+
+
+def _continuation(tokenizer, prompt: str, ctx: list[int], delimiter: str, text: str
+                  ) -> list[int]:
+  """The token ids scored for `text` after the prompt.
+
+  No delimiter (medjax's convention): `text` tokenised on its own, as SFT joins prompt and
+  response. With one (lm-evaluation-harness's, target " A"): the prompt and prompt +
+  delimiter + text are encoded and the tail beyond the prompt's length is scored, as the
+  harness's `_encode_pair` does.
+  """
+  if not delimiter:
+    return tokenizer.encode(text, bos=False)
+  return tokenizer.encode(prompt + delimiter + text, bos=True)[len(ctx):]
 
 
 def score_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam.Question],
@@ -95,9 +113,13 @@ def score_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam
   truncated = 0
   for q in questions:
     cands = candidates(q)
-    conts = [tokenizer.encode(c, bos=False) for c in cands]
-    ctx, cut = _fit_prompt(tokenizer.encode(cmexam.format_prompt(q), bos=True),
-                           max_len - max(len(c) for c in conts), int(tokenizer.bos_id is not None))
+    prompt = cmexam.format_prompt(q)
+    full_ctx = tokenizer.encode(prompt, bos=True)
+    cont_of = functools.partial(_continuation, tokenizer, prompt, full_ctx,
+                                q.task.target_delimiter)
+    conts = [cont_of(c) for c in cands]
+    ctx, cut = _fit_prompt(full_ctx, max_len - max(len(c) for c in conts),
+                           int(tokenizer.bos_id is not None))
     truncated += cut
     plan = []
     for c, cont in zip(cands, conts):
@@ -110,7 +132,7 @@ def score_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam
       ends = []
       if q.is_multi:
         ends = [tokenizer.eos_id]
-        ext = tokenizer.encode(c + cmexam.EXPLANATION_CUE, bos=False)
+        ext = cont_of(c + q.task.explanation_cue)
         if ext[: len(cont)] == cont and len(ext) > len(cont):
           ends.append(ext[len(cont)])
       plan.append((r, (len(ctx), len(ctx) + len(cont)), [slot(r, e) for e in set(ends)]))
@@ -133,25 +155,36 @@ def score_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam
 _CUE_RE = re.compile(r"(?:正确)?答案\s*(?:是|为|应为|应该是|应选)?\s*[:：]?")
 
 
-def extract_answer(text: str, letters: str = "ABCDE") -> str | None:
+def extract_answer(text: str, letters: str = "ABCDE", task: ExamTask | None = None
+                   ) -> str | None:
   """The answer letters a generated text names, sorted ("BD"), or None if none.
 
-  Looks after an "答案：" cue when there is one, else at the first non-empty line; stops at
-  "解析" (an explanation may name other options). A run of option letters, optionally
-  separated by 、,，/ spaces or 和, counts when not part of a Latin word ("Answer: B" -> B).
+  Looks after the task's answer cue or a Chinese "答案：" cue when there is one, else at the
+  first non-empty line; stops at "解析" or the task's explanation cue (an explanation may
+  name other options). A run of option letters, optionally separated by 、,，/ spaces or 和,
+  counts when not part of a Latin word ("Answer: B" -> B).
 
   Args:
     text: the model's continuation of the prompt.
     letters: the question's option letters.
+    task: the question's exam task (default CMExam).
 
   Returns:
     The sorted letter set, or None.
   """
-  t = unicodedata.normalize("NFKC", text)  # full-width "ＡＢ" and "：" -> ASCII
-  m = _CUE_RE.search(t)
-  if m:
-    t = t[m.end():]
+  norm = lambda x: unicodedata.normalize("NFKC", x)  # full-width "ＡＢ" and "：" -> ASCII
+  t = norm(text)
+  cue = norm(task.answer_cue).strip() if task else ""
+  if cue and cue in t:
+    t = t[t.index(cue) + len(cue):]
+  else:
+    m = _CUE_RE.search(t)
+    if m:
+      t = t[m.end():]
   t = t.split("解析")[0]
+  stop = norm(task.explanation_cue).strip() if task else ""
+  if stop:
+    t = t.split(stop)[0]
   lines = [ln for ln in t.splitlines() if ln.strip()]
   if not lines:
     return None
@@ -256,7 +289,7 @@ def evaluate_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cme
   else:
     outputs, truncated = predict_generate(cfg, params, tokenizer, questions, batch_size,
                                           max_new_tokens, max_len, progress)
-    preds = [extract_answer(t, q.letters) for q, t in zip(questions, outputs)]
+    preds = [extract_answer(t, q.letters, q.task) for q, t in zip(questions, outputs)]
   res = summarize(questions, preds, method, problems, truncated)
   if return_predictions:
     res["predictions"] = [{"source": q.source, "answer": q.answer, "predicted": p,

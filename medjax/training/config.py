@@ -15,6 +15,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a run config has, with CPU-demo defaults; configs/*.py change what differs."""
   c = ml_collections.ConfigDict()
   c.task = "cpt"  # cpt | sft
+  # The exam: SFT data and eval.cmexam are read, and prompts written, by this task
+  # definition: a shipped name (cmexam, medqa_usmle, cmmlu:SUBJECT, ceval:SUBJECT) or a
+  # task .json file (medjax.data.tasks).
+  c.exam = "cmexam"
   c.model = "tiny"  # preset, used when init_from is empty
   c.init_from = "asset:tinystories-260k"  # HF dir, import-hf dir, or a previous workdir
   c.model_overrides = ml_collections.ConfigDict(dict(
@@ -48,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1, clip_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.rules = ""  # "" = medjax.parallel.sharding.DEFAULT_RULES; else "logical=axis+axis;..."
+  # cmexam: an exam CSV in c.exam's schema ("" = off), its first cmexam_limit held-out
+  # questions scored (logged as {task}_acc); text: general text for perplexity (forgetting).
   c.eval = ml_collections.ConfigDict(dict(
       cmexam="", cmexam_limit=40, text="asset:tinystories_sample.txt", text_limit=20))
   return c
@@ -108,6 +114,11 @@ def validate(c) -> None:
       raise ConfigError(f"config.{f}={c.get(f)}: must be positive")
   if c.nan_policy not in ("skip", "stop"):
     raise ConfigError(f"config.nan_policy={c.nan_policy!r}: expected 'skip' or 'stop'")
+  from medjax.data import tasks
+  try:
+    tasks.load_task(c.get("exam", ""))
+  except ConfigError as e:
+    raise ConfigError(f"config.exam={c.get('exam')!r}: {e}") from None
 
 
 def model_overrides(c) -> dict[str, Any]:

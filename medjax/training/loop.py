@@ -95,6 +95,7 @@ def main(c, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- data
   train_it, val_source = from_config.make_data(c, tokenizer, _log)
+  evals_lib.check(c)
 
   # ---------------------------------------------------------------- state
   frozen = tuple(x.strip() for x in c.frozen.split(",") if x.strip())

@@ -60,7 +60,8 @@ class Logger:
     self.peak, self.peak_src = device_peak_flops()
     self.t_last = time.perf_counter()
     self.step_last = start
-    self.tokens_seen = 0.0
+    self.tokens_seen = 0.0  # every processed (non-padding) token
+    self.loss_tokens_seen = 0.0  # the tokens the loss is taken on
     self.path = os.path.join(workdir, METRICS_FILE)
     self.tb = None
     self.bar = None
@@ -77,8 +78,12 @@ class Logger:
   def log(self, step: int, fetched: list[dict], skipped: int = 0) -> dict:
     now = time.perf_counter()
     dt = max(now - self.t_last, 1e-9)
-    tokens = float(sum(float(m["tokens"]) for m in fetched))
+    # Throughput and MFU count every token the model processed (SFT prompts included: the
+    # forward and backward run over them); loss-bearing tokens are logged beside them.
+    tokens = float(sum(float(m["processed"]) for m in fetched))
+    loss_tokens = float(sum(float(m["tokens"]) for m in fetched))
     self.tokens_seen += tokens
+    self.loss_tokens_seen += loss_tokens
     m = fetched[-1]
     rec = {
         "step": step,
@@ -86,9 +91,10 @@ class Logger:
                               [float("nan")])),
         "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
         "tokens_per_s": tokens / dt, "tokens_seen": self.tokens_seen,
+        "loss_tokens_per_s": loss_tokens / dt, "loss_tokens_seen": self.loss_tokens_seen,
         "step_time_s": dt / max(step - self.step_last, 1), "skipped_steps": skipped,
     }
-    # MFU from loss-bearing tokens: padding is not useful work.
+    # MFU from processed tokens; padding is not counted (it is not the model's work).
     rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / self.peak
     self.t_last, self.step_last = now, step
     self._write(rec)

@@ -75,8 +75,11 @@ def train_step(state, batch: Batch, *, cfg: LlamaConfig, optimizer, schedule,
       "rng": state["rng"],
       "skipped": state["skipped"] + (~ok).astype(jnp.int32),
   }
-  metrics = {"loss": loss, "grad_norm": gnorm, "tokens": count, "lr": schedule(state["step"]),
-             "finite": ok}
+  # tokens: loss-bearing; processed: every non-padding token the model ran on (SFT prompts
+  # included), which is what throughput and MFU count.
+  processed = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
+  metrics = {"loss": loss, "grad_norm": gnorm, "tokens": count, "processed": processed,
+             "lr": schedule(state["step"]), "finite": ok}
   return new_state, metrics
 
 

@@ -1,0 +1,28 @@
+"""`medjax report WORKDIR [WORKDIR ...]`: a report of training runs (`training.report`).
+
+  medjax report runs/cpt runs/sft --out reports/recipe   # CPT then SFT, compared
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def add_args(p):
+  p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="training workdirs; a run "
+                 "whose init_from is another one given is drawn after it (CPT then SFT)")
+  p.add_argument("--out", help="folder for report.md, report.html and the PNG figures "
+                 "(default: WORKDIR/report of the first run)")
+  p.add_argument("--label", action="append", default=[],
+                 help="a name per run, in order (default: the folder names)")
+  p.add_argument("--title", default="medjax run report")
+
+
+def run(args):
+  from medjax.training import report
+  runs = report.read_runs(args.workdirs, args.label)  # every run is read before anything is written
+  out = report.build(runs, args.out or os.path.join(args.workdirs[0], "report"), args.title)
+  for kind in ("markdown", "html", "loss", "throughput", "evals"):
+    if kind in out:
+      print(f"{kind:<10} {out[kind]}")
+  return 0
