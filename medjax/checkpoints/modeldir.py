@@ -17,7 +17,10 @@ import orbax.checkpoint as ocp
 from medjax.model import config as config_lib
 from medjax.model.config import LlamaConfig
 from medjax.model.params import check_shapes, is_scanned, to_layout
+from medjax.checkpoints import orbax_logs
 from medjax.errors import CheckpointError
+
+orbax_logs.install()
 
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
