@@ -90,7 +90,7 @@ def train_config(task: str, init_from: str, train: str, tokenizer: str, steps: i
   c.seed = SEED
   c.optim.update(dict(lr=lr, warmup_steps=max(1, steps // 10), final_lr_ratio=0.1))
   # The demo runs its own evaluation (step 5); none inside the training loop.
-  c.eval.update(dict(cmexam="", cmexam_limit=0, text="", text_limit=0))
+  c.eval.update(dict(cmexam="", text=""))
   return c
 
 
