@@ -223,7 +223,8 @@ class Ints(Spec):
 
   def accepts(self):
     n = f"{self.count} " if self.count else ""
-    return f"{n}comma-separated ints, each {self.item.accepts()[len('an int '):]}".strip()
+    each = self.item.accepts().removeprefix("an int").strip()
+    return f"{n}comma-separated ints" + (f", each {each}" if each else "")
 
   def parse(self, text):
     return tuple(int(x) for x in text.split(","))

@@ -205,6 +205,8 @@ CASES = [
      "config.keep_checkpoints=0: accepts an int >= 1", "w"),
     ("mesh-size-zero", lambda r: train_args(r, "--config.mesh.tensor=0"),
      "config.mesh.tensor=0: accepts an int >= 1 or -1", "w"),
+    ("frozen-unknown-prefix", lambda r: train_args(r, "--config.frozen=embeding"),
+     "'embeding' is no param path prefix", "w"),
     ("misspelt-field", lambda r: train_args(r, "--config.optim.learning_rate=1"),
      "config.optim.learning_rate: unknown field", "w"),
     ("field-set-in-config-file-unknown",
