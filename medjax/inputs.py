@@ -306,11 +306,18 @@ def _nearest_existing(path: str) -> str:
 
 
 def path_problem(path: str, kind: str, overwrite: bool = False) -> str | None:
-  """Why `path` cannot serve as `kind` (a module constant), or None.
+  """Why `path` cannot serve as `kind`, or None.
 
   Inputs must exist with that kind and be readable. Outputs must be an existing folder
   of the right kind (a NEW_DIR empty unless `overwrite`), or be creatable: the nearest
   existing parent is a writable folder.
+
+  Args:
+    path: a local path; `asset:NAME` for inputs.
+    kind: FILE, DIR, FILE_OR_DIR, NEW_DIR, WORKDIR or NEW_FILE.
+    overwrite: a non-empty NEW_DIR may be replaced.
+  Returns:
+    The problem in a few words ("is a file, not a folder"), or None.
   """
   if path == "":
     return "empty path"

@@ -213,9 +213,11 @@ CASES = [
      lambda r: (_config(r, "c.totl_steps = 3"), _train_with(r, "cfg.py"))[1],
      "config.totl_steps=3: unknown field", "w"),
     # Config files that do not load: one line with the file, the line and the error.
-    ("config-syntax-error", lambda r: (_config(r, "c.total_steps = (3"), _train_with(r, "cfg.py"))[1],
+    ("config-syntax-error",
+     lambda r: (_config(r, "c.total_steps = (3"), _train_with(r, "cfg.py"))[1],
      "cfg.py:6: SyntaxError: ", "w"),
-    ("config-raises", lambda r: (_config(r, "c.total_steps = 1 // 0"), _train_with(r, "cfg.py"))[1],
+    ("config-raises",
+     lambda r: (_config(r, "c.total_steps = 1 // 0"), _train_with(r, "cfg.py"))[1],
      "cfg.py:6: ZeroDivisionError: integer division or modulo by zero", "w"),
     ("config-wrong-type-in-file",
      lambda r: (_config(r, "c.data.seq_len = '256'"), _train_with(r, "cfg.py"))[1],

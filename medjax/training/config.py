@@ -1,6 +1,7 @@
-"""Run configs (`configs/*.py` with `get_config()`): every field and its default, loading
-with `--config.FIELD=VALUE` overrides, and checking. A run config is data: the data layer
-builds its pipelines (`data.from_config`) and the loop its evals (`training.evals`)."""
+"""Run configs (`configs/*.py` with `get_config()`): every field with its default and what
+it accepts (`fields()`), loading with `--config.FIELD=VALUE` overrides (`load`), and one
+check of every field before anything is built (`validate`). A run config is data: the data
+layer builds its pipelines (`data.from_config`) and the loop its evals (`training.evals`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ MESH_SIZE = dict(ge=1, also=(-1,))  # a mesh axis: its size, or -1 for the remai
 
 
 def _rules(text: str) -> None:
-  from medjax.parallel import sharding  # jax; only when rules are given
+  from medjax.parallel import sharding  # imports jax: not at module level
   sharding.parse_rules(text)
 
 
@@ -50,7 +51,7 @@ def fields() -> inputs.Fields:
   c.model_overrides.lora_rank = Int(0, ge=0)  # 0 = full fine-tuning
   c.model_overrides.lora_alpha = Float(16.0, gt=0)
   c.model_overrides.lora_targets = Text("q,k,v,o", nonempty=True, check=_lora_targets,
-                                        what=f"comma-separated names among {','.join(LORA_TARGETS)}")
+                                        what=f"names among {','.join(LORA_TARGETS)}")
 
   c.data = inputs.Fields()
   # comma-separated files/folders, or tfds:DIR (`medjax data build` output)
