@@ -399,8 +399,10 @@ class Fields:
 
   def __setattr__(self, name, value):
     if not isinstance(value, (Spec, Fields)):
-      raise TypeError(f"field {name}={value!r} has no declaration; write e.g. "
-                      f"c.{name} = Int({value!r}, ge=0) (see medjax/inputs.py)")
+      spec = {bool: "Bool({!r})", int: "Int({!r}, ge=0)", float: "Float({!r}, ge=0)"}.get(
+          type(value), "Text({!r}) or Choice/Path").format(value)
+      raise TypeError(f"field {name}={value!r} has no declaration of what it accepts; write "
+                      f"e.g. c.{name} = {spec} (specs: medjax/inputs.py)")
     self._items[name] = value
 
   def __getattr__(self, name):

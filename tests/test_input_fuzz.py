@@ -404,3 +404,13 @@ def test_path_problems_cover_every_kind(tmp_path):
   assert P("asset:tinystories-260k", inputs.DIR) is None
   assert "not a valid file name" in P("a\ud800b", inputs.FILE)  # found by the fuzzer
   assert "'a\\nb'" in inputs.shown("a\nb")  # a newline in a name stays on one line
+
+
+def test_a_field_without_a_declaration_is_refused():
+  c = inputs.Fields()
+  c.n = inputs.Int(3, ge=1)
+  with pytest.raises(TypeError, match=r"c.m = Int\(3, ge=0\)"):
+    c.m = 3
+  d = c.defaults()
+  assert d.n == 3 and runconfig.base_config().data.seq_len == runconfig.FIELDS[
+      "data.seq_len"].default
