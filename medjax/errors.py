@@ -15,3 +15,7 @@ class CheckpointError(MedjaxError):
 
 class DataError(MedjaxError):
   """A data file that cannot be read or parsed."""
+
+
+class UsageError(MedjaxError):
+  """A command-line argument that is missing, malformed, out of range or a bad path."""

@@ -87,7 +87,7 @@ CASES = [
      "total_steps", "w"),
     ("missing-config-file",
      lambda r: ["train", "--config", str(r / "nope.py"), "--workdir", str(r / "w")],
-     "nope.py: config file not found", "w"),
+     "nope.py: no such file", "w"),
     ("bad-nan-policy", lambda r: train_args(r, "--config.nan_policy=ignore"),
      "nan_policy", "w"),
     ("unknown-model-preset", lambda r: train_args(r, "--config.model=llama9"),
@@ -153,7 +153,7 @@ CASES = [
                 train_args(r, f"--config.data.train={r / 'empty.txt'}"))[1],
      "empty.txt: no documents", "w"),
     ("missing-corpus", lambda r: train_args(r, f"--config.data.train={r / 'nope.txt'}"),
-     "nope.txt: no such file", "w"),
+     "nope.txt': no such file or folder", "w"),
     ("seq-len-beyond-positions", lambda r: train_args(r, "--config.data.seq_len=4096"),
      "data.seq_len=4096 exceeds the model's max_position_embeddings=512", "w"),
     ("tokenizer-larger-than-embedding", lambda r: train_args(r, "--config.model=tiny-mha"),
@@ -173,15 +173,15 @@ CASES = [
     ("unwritable-workdir",
      lambda r: ((r / "file").write_text("x"),
                 train_args(r) + ["--workdir", str(r / "file" / "w")])[1],
-     "not writable", "file/w"),
+     "cannot be created: ", "file/w"),
     ("export-into-non-empty-dir",
      lambda r: ((r / "out").mkdir(), (r / "out" / "keep.txt").write_text("mine"),
                 ["export-hf", str(r / "ckpt"), str(r / "out")])[2],
-     "out: directory is not empty (pass --overwrite", None),
+     "out: folder is not empty (pass --overwrite", None),
     ("import-into-non-empty-dir",
      lambda r: ((r / "out").mkdir(), (r / "out" / "keep.txt").write_text("mine"),
                 ["import-hf", str(r / "hf"), str(r / "out")])[2],
-     "out: directory is not empty (pass --overwrite", None),
+     "out: folder is not empty (pass --overwrite", None),
     ("eval-checkpoint-without-tokenizer",
      lambda r: ((r / "t.txt").write_text("fever and cough"),
                 eval_args(r, "--text", "t.txt"))[1],
@@ -189,11 +189,81 @@ CASES = [
     ("eval-missing-checkpoint",
      lambda r: ((r / "t.txt").write_text("fever"),
                 eval_args(r, "--text", "t.txt", ckpt="nope"))[1],
-     "nope: no such checkpoint", "res.json"),
+     "nope: no such folder", "res.json"),
     ("eval-bad-limit",
      lambda r: eval_args(r, "--text", "corpus.txt", "--limit", "0"),
-     "--limit 0: must be >= 1", "res.json"),
+     "argument --limit: invalid value '0': accepts an int >= 1", "res.json"),
+    # Ranges of config fields, checked before anything is built (seq_len=0 used to allocate
+    # until the kernel killed the run; a negative lr trained to a loss of 46).
+    ("seq-len-zero", lambda r: train_args(r, "--config.data.seq_len=0"),
+     "config.data.seq_len=0: accepts an int >= 1", "w"),
+    ("negative-lr", lambda r: train_args(r, "--config.optim.lr=-1e-3"),
+     "config.optim.lr=-0.001: accepts a number > 0", "w"),
+    ("replay-weight-one", lambda r: train_args(r, "--config.data.replay_weight=1"),
+     "config.data.replay_weight=1.0: accepts a number in [0, 1)", "w"),
+    ("keep-checkpoints-zero", lambda r: train_args(r, "--config.keep_checkpoints=0"),
+     "config.keep_checkpoints=0: accepts an int >= 1", "w"),
+    ("mesh-size-zero", lambda r: train_args(r, "--config.mesh.tensor=0"),
+     "config.mesh.tensor=0: accepts an int >= 1 or -1", "w"),
+    ("frozen-unknown-prefix", lambda r: train_args(r, "--config.frozen=embeding"),
+     "'embeding' is no param path prefix", "w"),
+    ("misspelt-field", lambda r: train_args(r, "--config.optim.learning_rate=1"),
+     "config.optim.learning_rate: unknown field", "w"),
+    ("field-set-in-config-file-unknown",
+     lambda r: (_config(r, "c.totl_steps = 3"), _train_with(r, "cfg.py"))[1],
+     "config.totl_steps=3: unknown field", "w"),
+    # Config files that do not load: one line with the file, the line and the error.
+    ("config-syntax-error",
+     lambda r: (_config(r, "c.total_steps = (3"), _train_with(r, "cfg.py"))[1],
+     "cfg.py:6: SyntaxError: ", "w"),
+    ("config-raises",
+     lambda r: (_config(r, "c.total_steps = 1 // 0"), _train_with(r, "cfg.py"))[1],
+     "cfg.py:6: ZeroDivisionError: integer division or modulo by zero", "w"),
+    ("config-wrong-type-in-file",
+     lambda r: (_config(r, "c.data.seq_len = '256'"), _train_with(r, "cfg.py"))[1],
+     "cfg.py:6: TypeError: ", "w"),
+    ("config-without-get_config",
+     lambda r: ((r / "cfg.py").write_text("x = 1\n"), _train_with(r, "cfg.py"))[1],
+     "cfg.py: no get_config() function", "w"),
+    ("config-is-a-folder", lambda r: _train_with(r, ""),
+     "is a folder, not a file", "w"),
+    # Output paths.
+    ("export-into-a-file",
+     lambda r: ((r / "out").write_text("mine"), ["export-hf", str(r / "ckpt"), str(r / "out")])[1],
+     "out: is a file, not a folder", None),
+    ("overwrite-would-delete-the-input",
+     lambda r: ["export-hf", str(r / "ckpt"), str(r), "--overwrite"],
+     "--overwrite would delete CHECKPOINT", None),
+    ("resize-over-a-model-dir",  # used to delete the folder without asking
+     lambda r: ["tokenizer", "resize", "--checkpoint", str(r / "ckpt"), "--tokenizer",
+                str(r / "corpus.txt"), "--out", str(r / "ckpt")],
+     "ckpt: folder is not empty (pass --overwrite", None),
+    ("eval-out-is-a-folder",
+     lambda r: ((r / "res.json").mkdir(), eval_args(r, "--text", "corpus.txt"))[1],
+     "res.json: is a folder, not a file", None),
+    ("workdir-is-a-url", lambda r: train_args(r) + ["--workdir", "gs://bucket/run"],
+     "gs:// paths are not opened directly", None),
+    ("fit-bad-mesh", lambda r: ["fit", "--topology", "v5p:2x2x1", "--mesh", "1,x,1"],
+     "argument --mesh: invalid value '1,x,1'", None),
+    ("fit-zero-topology", lambda r: ["fit", "--topology", "v5p:0x2x1"],
+     "every dimension must be at least 1", None),
 ]
+
+
+def _config(root: Path, line: str) -> None:
+  """root/cfg.py: tiny_cpt's config with `line` on line 6 (inside get_config)."""
+  (root / "cfg.py").write_text(
+      "from medjax.training.config import base_config\n\n\n"
+      "def get_config(arg=None):\n"
+      "  c = base_config()\n"
+      f"  {line}\n"
+      "  return c\n")
+
+
+def _train_with(root: Path, config: str) -> list[str]:
+  argv = train_args(root)
+  argv[2] = str(root / config)
+  return argv
 
 
 def _fake_run(workdir: Path) -> None:

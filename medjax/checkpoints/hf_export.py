@@ -9,6 +9,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 
+from medjax import inputs
 from medjax.checkpoints import convert, hf_config, modeldir, sources
 from medjax.data import spm_json
 from medjax.data.tokenizer import HF_FILE, HF_SIDE_FILES
@@ -21,8 +22,9 @@ _DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float1
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise CheckpointError(f"{out_dir}: directory is not empty (pass --overwrite to replace it)")
+  problem = inputs.path_problem(out_dir, inputs.NEW_DIR, overwrite)
+  if problem:
+    raise CheckpointError(f"{out_dir}: {problem}")
 
 
 def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool = False,

@@ -82,8 +82,7 @@ def import_hf_streaming(hf_dir: str, out_dir: str, scan_layers: bool = True, log
   # zstd would hold an extra compressed copy of each param while it is written (measured:
   # peak 852 -> 685 MiB on a 1 GB model); float weights barely compress anyway.
   try:
-    saving = ocp_v1.options.ArrayOptions.Saving(use_compression=False)
-    with ocp_v1.Context(array_options=ocp_v1.options.ArrayOptions(saving=saving)):
+    with _no_compression(ocp_v1):
       return _import_streaming(partial, hf_dir, out_dir, scan_layers, log, flush_bytes)
   except MedjaxError:
     raise
@@ -92,6 +91,18 @@ def import_hf_streaming(hf_dir: str, out_dir: str, scan_layers: bool = True, log
     log(f"warning: streaming import unavailable with this orbax ({type(e).__name__}: "
         f"{str(e)[:200]}); importing in memory")
     return import_hf(hf_dir, out_dir, scan_layers, log=log)[0]
+
+
+def _no_compression(ocp_v1):
+  """An orbax v1 Context that writes arrays uncompressed: set field by field where this orbax
+  allows it (newer releases warn that option objects passed to Context are deprecated)."""
+  ctx = ocp_v1.Context()
+  saving = getattr(getattr(ctx, "array", None), "saving", None)
+  if saving is not None and hasattr(saving, "use_compression"):
+    saving.use_compression = False
+    return ctx
+  saving = ocp_v1.options.ArrayOptions.Saving(use_compression=False)
+  return ocp_v1.Context(array_options=ocp_v1.options.ArrayOptions(saving=saving))
 
 
 def _import_streaming(partial, hf_dir, out_dir, scan_layers, log, flush_bytes) -> LlamaConfig:

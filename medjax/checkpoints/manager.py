@@ -17,7 +17,6 @@ and the previous one is used.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -30,7 +29,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from medjax.model import lora
 from medjax.model import params as params_lib
-from medjax.checkpoints import modeldir
+from medjax.checkpoints import modeldir, orbax_logs
 from medjax.model.config import LlamaConfig
 from medjax.errors import CheckpointError
 
@@ -40,36 +39,6 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step still being writ
 
 def _log(msg):
   print(msg, file=sys.stderr, flush=True)
-
-
-class _NoTraceback(logging.Filter):
-  """Orbax logs a full traceback from each of its save threads (and asyncio one per failed
-  write task, dropped here) when a write fails; the failure reaches the user once, as a
-  one-line CheckpointError (traceback with --debug)."""
-
-  def filter(self, record):
-    if record.name == "asyncio" and "orbax" in str(record.msg) + str(record.args):
-      return False  # "Task exception was never retrieved" + the task: the same failure again
-    if "orbax" in record.pathname:
-      record.exc_info, record.exc_text = None, None
-    return True
-
-
-_QUIET = _NoTraceback()
-
-
-def _quiet_unraisable(hook):
-  """After a failed write, tensorstore completes the pending futures of orbax's (closed)
-  event loops; each prints 'Event loop is closed' with a traceback. Only those are dropped."""
-  if getattr(hook, "_medjax", False):
-    return hook
-
-  def quiet(u):
-    if not (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)):
-      hook(u)
-
-  quiet._medjax = True
-  return quiet
 
 
 @jax.jit
@@ -133,9 +102,7 @@ class Checkpointer:
     self.directory = os.path.join(workdir, CKPT_DIR)
     self.keep = max(int(keep), 1)
     self._pending: int | None = None  # step of the save in flight
-    for name in ("absl", "asyncio"):
-      logging.getLogger(name).addFilter(_QUIET)
-    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    orbax_logs.install()  # again: a test runner may have replaced sys.unraisablehook since
     try:
       # best_fn makes orbax write each step's metrics; the policy decides what stays.
       retention = ocm.AnyPreservationPolicy([

@@ -19,7 +19,10 @@ from medjax.data.tokenizer import copy_tokenizer, find_tokenizer
 from medjax.model import config as config_lib
 from medjax.model.config import LlamaConfig
 from medjax.model.params import check_shapes, is_scanned, to_layout
+from medjax.checkpoints import orbax_logs
 from medjax.errors import CheckpointError
+
+orbax_logs.install()
 
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"

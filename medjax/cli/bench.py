@@ -39,6 +39,9 @@ from medjax.bench.models import SHAPES, make_shape
 from medjax.bench.safetensors_read import bench_safetensors, safetensors_lines
 from medjax.bench.scaling import bench_scaling, scaling_lines
 from medjax.bench.train import bench_breakdown, bench_train, breakdown_lines, train_lines
+from medjax.cli.args import path
+from medjax.errors import UsageError
+from medjax.inputs import NEW_FILE, WORKDIR, Float, Int, Ints, Text
 from medjax.model.config import ATTENTION
 
 
@@ -47,14 +50,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
   def common(p, shape="50m"):
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
-    p.add_argument("--results", help=f"results file (default {RESULTS})")
-    p.add_argument("--note", default="", help="a note for the device line, e.g. 'shared'")
+    path(p, "--results", kind=NEW_FILE, help=f"results file (default {RESULTS})")
+    p.add_argument("--note", default="", type=Text(),
+                   help="a note for the device line, e.g. 'shared'")
     if shape:
       p.add_argument("--shape", default=shape, choices=list(SHAPES))
-      p.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
-      p.add_argument("--seq-len", type=int, help="tokens per row (default: the shape's)")
-      p.add_argument("--width", type=int, help="hidden size (random shapes; mlp = 8/3 width)")
-      p.add_argument("--layers", type=int, help="number of layers (random shapes)")
+      p.add_argument("--batch", type=Int(ge=1), help="rows per step (default: the shape's)")
+      p.add_argument("--seq-len", type=Int(ge=1), help="tokens per row (default: the shape's)")
+      p.add_argument("--width", type=Int(ge=1), help="hidden size (random shapes; mlp = 8/3 "
+                     "width)")
+      p.add_argument("--layers", type=Int(ge=1), help="number of layers (random shapes)")
       p.add_argument("--attention", choices=list(ATTENTION), default=None,
                      help="default: the shape's (einsum); auto off CPU (cuDNN on GPU)")
       p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -63,9 +68,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
   t = sub.add_parser("train", help="train steps: medjax vs transformers + torch AdamW")
   common(t)
-  t.add_argument("--steps", type=int, default=6, help="steps per side, warm-up included")
-  t.add_argument("--warmup", type=int, default=1, help="untimed first steps")
-  t.add_argument("--block", type=int, default=None,
+  t.add_argument("--steps", type=Int(ge=2), default=6, help="steps per side, warm-up included")
+  t.add_argument("--warmup", type=Int(ge=1), default=1, help="untimed first steps")
+  t.add_argument("--block", type=Int(ge=1), default=None,
                  help="steps per side before switching (default 5 from 20 steps, else 1)")
   t.add_argument("--compare-hf", action="store_true")
   t.add_argument("--breakdown", action="store_true",
@@ -73,43 +78,44 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
   g = sub.add_parser("generate", help="greedy decoding: medjax vs transformers' generate")
   common(g)
-  g.add_argument("--new-tokens", type=int, default=64)
-  g.add_argument("--prompt-len", type=int, default=16)
-  g.add_argument("--reps", type=int, default=3)
+  g.add_argument("--new-tokens", type=Int(ge=1), default=64)
+  g.add_argument("--prompt-len", type=Int(ge=1), default=16)
+  g.add_argument("--reps", type=Int(ge=1), default=3)
   g.add_argument("--compare-hf", action="store_true")
 
   a = sub.add_parser("attention", help="fwd+bwd time of each attention implementation")
   common(a, shape=None)
-  a.add_argument("--batch", type=int, default=1)
-  a.add_argument("--seq-len", type=int, default=4096)
-  a.add_argument("--heads", type=int, default=32)
-  a.add_argument("--kv-heads", type=int, default=32)
-  a.add_argument("--head-dim", type=int, default=128)
+  a.add_argument("--batch", type=Int(ge=1), default=1)
+  a.add_argument("--seq-len", type=Int(ge=1), default=4096)
+  a.add_argument("--heads", type=Int(ge=1), default=32)
+  a.add_argument("--kv-heads", type=Int(ge=1), default=32)
+  a.add_argument("--head-dim", type=Int(ge=1), default=128)
   a.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-  a.add_argument("--reps", type=int, default=10)
+  a.add_argument("--reps", type=Int(ge=1), default=10)
 
   d = sub.add_parser("data", help="packed CPT pipeline tokens/s per process")
   common(d, shape=None)
-  d.add_argument("--seq-len", type=int, default=2048)
-  d.add_argument("--batch-size", type=int, default=8)
-  d.add_argument("--batches", type=int, default=200)
+  d.add_argument("--seq-len", type=Int(ge=1), default=2048)
+  d.add_argument("--batch-size", type=Int(ge=1), default=8)
+  d.add_argument("--batches", type=Int(ge=1), default=200)
 
   i = sub.add_parser("import", help="HF -> medjax import of a synthetic model: time, RSS")
   common(i, shape=None)
   i.add_argument("--size", choices=list(IMPORT_SHAPES), default="1gb")
-  i.add_argument("--shard-mb", type=float, default=768,
+  i.add_argument("--shard-mb", type=Float(gt=0), default=768,
                  help="HF shard size (default: as Llama-2-7b-hf, largest shard ~3/4 model)")
-  i.add_argument("--tmp", help="where to write the synthetic checkpoint (default $TMPDIR)")
-  i.add_argument("--layers", type=int, help="override the shape's number of layers")
+  path(i, "--tmp", kind=WORKDIR, help="where to write the synthetic checkpoint "
+       "(default $TMPDIR)")
+  i.add_argument("--layers", type=Int(ge=1), help="override the shape's number of layers")
   i.add_argument("--no-scan", dest="scan", action="store_false",
                  help="import to per-layer params (the peak should not grow with depth)")
 
   st = sub.add_parser("safetensors", help="reading safetensors: medjax's reader vs the package")
   common(st, shape=None)
-  st.add_argument("--tensors", type=int, default=16)
-  st.add_argument("--tensor-mib", type=int, default=64)
-  st.add_argument("--reps", type=int, default=3)
-  st.add_argument("--tmp", help="where to write the file (default $TMPDIR)")
+  st.add_argument("--tensors", type=Int(ge=1), default=16)
+  st.add_argument("--tensor-mib", type=Int(ge=1), default=64)
+  st.add_argument("--reps", type=Int(ge=1), default=3)
+  path(st, "--tmp", kind=WORKDIR, help="where to write the file (default $TMPDIR)")
 
   f = sub.add_parser("fit", help="`medjax fit` on the paper's TPU slices")
   common(f, shape=None)
@@ -117,11 +123,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
   c = sub.add_parser("scaling", help="medjax tokens/s vs sequence length and width")
   common(c)
-  c.add_argument("--seqs", default="512,1024,2048,4096")
-  c.add_argument("--widths", default="256,512,768,1024")
-  c.add_argument("--tokens-per-step", type=int, default=4096)
-  c.add_argument("--steps", type=int, default=3)
-  c.add_argument("--warmup", type=int, default=1)
+  c.add_argument("--seqs", type=Ints(ge=1), default="512,1024,2048,4096")
+  c.add_argument("--widths", type=Ints(ge=1), default="256,512,768,1024")
+  c.add_argument("--tokens-per-step", type=Int(ge=1), default=4096)
+  c.add_argument("--steps", type=Int(ge=1), default=3)
+  c.add_argument("--warmup", type=Int(ge=0), default=1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if cmd in ("train", "generate", "scaling"):
     s = dict(make_shape(args.shape, args), name=args.shape)
+  if cmd == "train" and args.warmup >= args.steps:
+    raise UsageError(f"argument --warmup: {args.warmup}: leaves none of --steps {args.steps} "
+                     "timed")
   if cmd == "train":
     r = bench_train(s, args.steps, args.compare_hf, args.warmup, block=args.block)
     lines = train_lines(s, r)
@@ -171,8 +180,7 @@ def run(args: argparse.Namespace) -> int:
   elif cmd == "fit":
     record(args, "fit", fit_lines(bench_fit(args.quick)))
   elif cmd == "scaling":
-    seqs = [int(x) for x in args.seqs.split(",") if x]
-    widths = [int(x) for x in args.widths.split(",") if x]
+    seqs, widths = list(args.seqs), list(args.widths)
     rows = bench_scaling(args, seqs, widths, args.tokens_per_step, args.steps)
     record(args, f"scaling --shape {args.shape}", [
         f"medjax training, {args.tokens_per_step} tokens per step, f32 "

@@ -19,8 +19,9 @@ import json
 from pathlib import Path
 
 from medjax.assets import asset_path
+from medjax.cli.args import path
 from medjax.data import cmexam, corpus
-from medjax.errors import DataError
+from medjax.inputs import FILE, FILE_OR_DIR, NEW_DIR, NEW_FILE, WORKDIR, DIR, Int
 
 
 def _default_tokenizer() -> str:
@@ -42,33 +43,34 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
   b = sub.add_parser("build", help="build a tfds array_record dataset from raw files")
   b.add_argument("name", choices=["medical_text", "cmexam"])
-  b.add_argument("--input", required=True, help="file or folder (the tfds manual_dir)")
-  b.add_argument("--out", required=True, help="tfds data_dir to write")
+  path(b, "--input", kind=FILE_OR_DIR, required=True, help="file or folder (the tfds manual_dir)")
+  path(b, "--out", kind=WORKDIR, required=True, help="tfds data_dir to write (or add to)")
 
   s = sub.add_parser("show", help="print decoded batch rows with the loss mask visible")
   s.add_argument("--kind", choices=["cpt", "sft"], required=True)
-  s.add_argument("--input", nargs="+", help="corpus files (cpt) or a CMExam CSV (sft); "
-                 "default: the shipped sample")
-  s.add_argument("--tokenizer", default=None,
-                 help="tokenizer.model or tokenizer.json (default: shipped tiny)")
-  s.add_argument("--seq-len", type=int, default=512)
-  s.add_argument("--rows", type=int, default=2)
-  s.add_argument("--seed", type=int, default=0)
+  path(s, "--input", kind=FILE_OR_DIR, nargs="+", help="corpus files (cpt) or a CMExam CSV "
+       "(sft); default: the shipped sample")
+  path(s, "--tokenizer", kind=FILE, default=None,
+       help="tokenizer.model or tokenizer.json (default: shipped tiny)")
+  s.add_argument("--seq-len", type=Int(ge=1), default=512)
+  s.add_argument("--rows", type=Int(ge=1), default=2)
+  s.add_argument("--seed", type=Int(ge=0, lt=2**31), default=0)
   s.add_argument("--with-explanation", action="store_true")
 
   o = sub.add_parser("overlap", help="eval questions sharing n-grams with a corpus")
-  o.add_argument("--corpus", nargs="+", required=True)
-  o.add_argument("--eval", required=True, help="CMExam CSV")
-  o.add_argument("--n", type=int, default=13, help="n-gram length in characters")
-  o.add_argument("--show", type=int, default=5, help="worst cases to print")
-  o.add_argument("--write-filtered", help="write corpus documents without overlap (.jsonl)")
+  path(o, "--corpus", kind=FILE_OR_DIR, nargs="+", required=True)
+  path(o, "--eval", kind=FILE, required=True, help="CMExam CSV")
+  o.add_argument("--n", type=Int(ge=1), default=13, help="n-gram length in characters")
+  o.add_argument("--show", type=Int(ge=0), default=5, help="worst cases to print")
+  path(o, "--write-filtered", kind=NEW_FILE, suffix=".jsonl",
+       help="write corpus documents without overlap (.jsonl)")
 
   k = sub.add_parser("bench", help="CPT pipeline throughput in tokens/s")
-  k.add_argument("--input", nargs="+", help="corpus (default: shipped medical sample)")
-  k.add_argument("--tokenizer", default=None)
-  k.add_argument("--seq-len", type=int, default=2048)
-  k.add_argument("--batch-size", type=int, default=8)
-  k.add_argument("--batches", type=int, default=200)
+  path(k, "--input", kind=FILE_OR_DIR, nargs="+", help="corpus (default: shipped medical sample)")
+  path(k, "--tokenizer", kind=FILE, default=None)
+  k.add_argument("--seq-len", type=Int(ge=1), default=2048)
+  k.add_argument("--batch-size", type=Int(ge=1), default=8)
+  k.add_argument("--batches", type=Int(ge=1), default=200)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,8 +125,6 @@ def _overlap(args) -> int:
           f"in {src}")
   if args.write_filtered:
     out = Path(args.write_filtered)
-    if out.suffix != ".jsonl":
-      raise DataError(f"{out}: --write-filtered writes JSON lines; use a .jsonl name")
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = 0
     with out.open("w", encoding="utf-8") as f:
@@ -152,17 +152,19 @@ def _bench(args) -> int:
 def tokenizer_add_args(parser: argparse.ArgumentParser) -> None:
   sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
   e = sub.add_parser("extend", help="add domain pieces to a SentencePiece model")
-  e.add_argument("--base", default=None, help="base SentencePiece tokenizer.model (default: "
-                 "shipped tiny); a tokenizer.json base is refused: it already covers Chinese")
-  e.add_argument("--corpus", nargs="+", required=True, help="corpus files or folders")
-  e.add_argument("--add", type=int, required=True, help="most pieces to add")
-  e.add_argument("--out", required=True, help="output folder for tokenizer.model")
+  path(e, "--base", kind=FILE, default=None, help="base SentencePiece tokenizer.model "
+       "(default: shipped tiny); a tokenizer.json base is refused: it already covers Chinese")
+  path(e, "--corpus", kind=FILE_OR_DIR, nargs="+", required=True,
+       help="corpus files or folders")
+  e.add_argument("--add", type=Int(ge=1), required=True, help="most pieces to add")
+  path(e, "--out", kind=NEW_DIR, required=True, help="output folder for tokenizer.model")
   e.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
   r = sub.add_parser("resize", help="grow a checkpoint's embeddings to an extended tokenizer")
-  r.add_argument("--checkpoint", required=True, help="medjax model dir or training workdir")
-  r.add_argument("--tokenizer", required=True,
-                 help="the extended tokenizer.model (or a tokenizer.json)")
-  r.add_argument("--out", required=True, help="new model dir (input to train's init_from)")
+  path(r, "--checkpoint", kind=DIR, required=True, help="medjax model dir or training workdir")
+  path(r, "--tokenizer", kind=FILE, required=True,
+       help="the extended tokenizer.model (or a tokenizer.json)")
+  path(r, "--out", kind=NEW_DIR, required=True,
+       help="new model dir (input to train's init_from)")
 
 
 def tokenizer_run(args: argparse.Namespace) -> int:

@@ -6,15 +6,23 @@ import argparse
 import json
 import os
 
+from medjax.cli.args import path
 from medjax.errors import MedjaxError
+from medjax.inputs import DIR, FILE, FILE_OR_DIR, NEW_FILE, Float, Int, Text
+from medjax.model.config import DTYPES
+
+
+def _task(text: str) -> None:
+  from medjax.data import tasks
+  tasks.load_task(text)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--checkpoint", required=True,
-                 help="an HF Llama/Qwen2 dir, a medjax checkpoint, or a training workdir (newest)")
-  p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the "
-                 "checkpoint's")
-  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+  path(p, "--checkpoint", kind=DIR, required=True,
+       help="an HF Llama/Qwen2 dir, a medjax checkpoint, or a training workdir (newest)")
+  path(p, "--tokenizer", kind=FILE, help="tokenizer.model or tokenizer.json to use instead of "
+       "the checkpoint's")
+  p.add_argument("--dtype", default=None, choices=DTYPES, help="compute dtype override")
 
 
 def _load(args):
@@ -39,12 +47,12 @@ def _load(args):
 
 def generate_add_args(p: argparse.ArgumentParser) -> None:
   _add_model_args(p)
-  p.add_argument("--prompt", action="append", required=True,
+  p.add_argument("--prompt", action="append", required=True, type=Text(),
                  help="prompt text (repeat for a batch)")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-new-tokens", type=Int(ge=1), default=64)
+  p.add_argument("--temperature", type=Float(ge=0), default=0.0, help="0 = greedy")
+  p.add_argument("--top-p", type=Float(gt=0, le=1), default=1.0)
+  p.add_argument("--seed", type=Int(ge=0, lt=2**31), default=0)
 
 
 def generate_run(args) -> int:
@@ -65,28 +73,25 @@ def generate_run(args) -> int:
 def add_args(p: argparse.ArgumentParser) -> None:
   _add_model_args(p)
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--cmexam", "--exam", dest="cmexam", metavar="FILE.csv",
-                   help="exam CSV to score, in --task's schema (CMExam's by default); "
-                   "asset:NAME for a shipped sample")
-  src.add_argument("--text", metavar="FILE", help="text file/folder for perplexity "
-                   "(documents as in medjax.data.corpus: blank lines or <|endoftext|> lines)")
-  p.add_argument("--task", default="cmexam", help="exam task definition: a shipped name "
-                 "(cmexam, medqa_usmle, cmmlu:SUBJECT, ceval:SUBJECT; the last two are "
+  path(src, "--cmexam", "--exam", dest="cmexam", kind=FILE, metavar="FILE.csv",
+       help="exam CSV to score, in --task's schema (CMExam's by default); asset:NAME for a "
+       "shipped sample")
+  path(src, "--text", kind=FILE_OR_DIR, metavar="FILE", help="text file/folder for perplexity "
+       "(documents as in medjax.data.corpus: blank lines or <|endoftext|> lines)")
+  p.add_argument("--task", default="cmexam", type=Text(nonempty=True, check=_task,
+                 what="a task name or a task .json file"), help="exam task definition: a shipped name (cmexam, "
+                 "medqa_usmle, cmmlu:SUBJECT, ceval:SUBJECT; the last two are "
                  "lm-evaluation-harness's prompt, target ' A') or a task .json file")
   p.add_argument("--method", choices=("loglik", "generate"), default="loglik")
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--limit", type=int, help="evaluate only the first N questions/documents")
-  p.add_argument("--max-len", type=int, help="longest sequence (default: the model's)")
-  p.add_argument("--max-new-tokens", type=int, default=16, help="for --method generate")
-  p.add_argument("--out", help="write the results JSON here")
+  p.add_argument("--batch-size", type=Int(ge=1), default=16)
+  p.add_argument("--limit", type=Int(ge=1), help="evaluate only the first N questions/documents")
+  p.add_argument("--max-len", type=Int(ge=2), help="longest sequence (default: the model's)")
+  p.add_argument("--max-new-tokens", type=Int(ge=1), default=16, help="for --method generate")
+  path(p, "--out", kind=NEW_FILE, help="write the results JSON here")
 
 
 def run(args) -> int:
   from medjax.evaluation import exam, scoring
-  if args.limit is not None and args.limit < 1:
-    raise MedjaxError(f"--limit {args.limit}: must be >= 1")
-  if args.batch_size < 1:
-    raise MedjaxError(f"--batch-size {args.batch_size}: must be >= 1")
   from medjax.assets import resolve
   if args.cmexam:
     from medjax.data.cmexam import read_cmexam

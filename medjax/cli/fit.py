@@ -8,47 +8,54 @@ from __future__ import annotations
 import math
 import os
 
-from medjax.model.config import ATTENTION, REMAT_POLICIES
+from medjax.cli.args import path
+from medjax.inputs import FILE, Choice, Int, Ints, Text
+from medjax.model.config import ATTENTION, DTYPES, PRESETS, REMAT_POLICIES
+
+
+def _topology(text: str) -> None:
+  from medjax.training.fit import parse_topology
+  parse_topology(text)
+
+
+def _rules(text: str) -> None:
+  from medjax.parallel.sharding import parse_rules
+  parse_rules(text)
 
 
 def add_args(p):
-  p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:2x2x1, v5e:2x4, v4:2x2x2")
-  p.add_argument("--config", help="training config file[:arg] (reads model, model_overrides, "
-                 "data.seq_len, batch_size, mesh, rules, accum_steps); flags override it")
-  p.add_argument("--model", help="model preset (default llama2-7b)")
-  p.add_argument("--seq-len", type=int)
-  p.add_argument("--batch-per-device", type=int, help="rows per chip (default 1)")
-  p.add_argument("--mesh", help="data,fsdp,tensor sizes, one may be -1 (default 1,-1,1)")
+  p.add_argument("--topology", required=True, type=Text(check=_topology, what="CHIP:AxB[xC]"),
+                 help="TPU slice, e.g. v5p:2x2x1, v5e:2x4, v4:2x2x2")
+  path(p, "--config", kind=FILE, with_arg=True,
+       help="training config file[:arg] (reads model, model_overrides, data.seq_len, "
+            "batch_size, mesh, rules, accum_steps); flags override it")
+  p.add_argument("--model", type=Choice(options=PRESETS), help="model preset (default llama2-7b)")
+  p.add_argument("--seq-len", type=Int(ge=1))
+  p.add_argument("--batch-per-device", type=Int(ge=1), help="rows per chip (default 1)")
+  p.add_argument("--mesh", type=Ints(count=3, ge=1, also=(-1,)),
+                 help="data,fsdp,tensor sizes, one may be -1 (default 1,-1,1)")
   p.add_argument("--remat", choices=REMAT_POLICIES, help="what each layer keeps for the "
                  "backward pass (default full; offload keeps layer inputs in host memory)")
   p.add_argument("--attention", choices=ATTENTION,
                  help="default auto: the splash kernel on TPU, einsum for CPU estimates")
-  p.add_argument("--dtype", help="compute dtype (default bfloat16)")
+  p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default bfloat16)")
   p.add_argument("--no-scan", dest="scan", action="store_false", default=None,
                  help="unrolled layers (slower to compile)")
-  p.add_argument("--accum-steps", type=int)
-  p.add_argument("--rules", help="sharding rule overrides, e.g. 'embed=;mlp=tensor'")
+  p.add_argument("--accum-steps", type=Int(ge=1))
+  p.add_argument("--rules", type=Text(check=_rules, what='sharding rules "logical=axis+axis;..."'),
+                 help="sharding rule overrides, e.g. 'embed=;mlp=tensor'")
   p.add_argument("--cpu", action="store_true", help="compile for CPU devices, not libtpu")
 
 
 def _read_config(spec: str) -> dict:
-  """Fields `fit` uses from a `get_config(arg)` file (any missing field is skipped)."""
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  s = importlib.util.spec_from_file_location("_fit_config", path)
-  mod = importlib.util.module_from_spec(s)
-  s.loader.exec_module(mod)
-  c = mod.get_config(arg or None)
-  get = lambda obj, k: obj.get(k) if hasattr(obj, "get") else getattr(obj, k, None)
-  out = {"model": get(c, "model"), "overrides": dict(get(c, "model_overrides") or {}),
-         "seq_len": get(get(c, "data") or {}, "seq_len") or get(c, "seq_len"),
-         "global_batch": get(c, "batch_size"), "rules": get(c, "rules"),
-         "accum_steps": get(c, "accum_steps")}
-  mesh = get(c, "mesh")
-  if mesh is not None:
-    out["mesh"] = tuple(int(get(mesh, k)) for k in ("data", "fsdp", "tensor"))
-  if isinstance(out["overrides"].get("lora_targets"), str):
-    out["overrides"]["lora_targets"] = tuple(out["overrides"]["lora_targets"].split(","))
+  """Fields `fit` uses from a run config (checked, except that its data paths may not exist
+  on this machine)."""
+  from medjax.training import config as runconfig
+  c = runconfig.load(spec)
+  runconfig.validate(c, paths=False)
+  out = {"model": c.model, "overrides": runconfig.model_overrides(c),
+         "seq_len": c.data.seq_len, "global_batch": c.batch_size, "rules": c.rules,
+         "accum_steps": c.accum_steps, "mesh": (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)}
   return {k: v for k, v in out.items() if v not in (None, "")}
 
 
@@ -80,7 +87,7 @@ def run(args):
     if getattr(args, flag) is not None:
       overrides[field] = getattr(args, flag)
   cfg = config_lib.preset(args.model or c.get("model", "llama2-7b"), **overrides)
-  mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else c.get("mesh", (1, -1, 1))
+  mesh = args.mesh or c.get("mesh", (1, -1, 1))
   seq = args.seq_len or c.get("seq_len", 4096)
   batch = (args.batch_per_device or 1) * n if args.batch_per_device or "global_batch" not in c \
       else c["global_batch"]

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from medjax.cli.args import Parser, check_paths
 from medjax.errors import MedjaxError
 
 # name -> (module, one-line help)
@@ -39,7 +40,7 @@ def _load(spec: str):
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   """The parser; only `command`'s module is imported (so one broken module or a heavy
   import never slows or breaks the others)."""
-  p = argparse.ArgumentParser(
+  p = Parser(
       prog="medjax", description="Adapt Llama 2 to the medical domain with JAX: "
       "continued pretraining, SFT and CMExam evaluation.")
   p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -57,22 +58,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   command = next((a for a in argv if not a.startswith("-")), None)
-  parser = build_parser(command)
-  # `medjax train` takes absl-style --config.x=... overrides; pass unknown flags through.
-  args, rest = parser.parse_known_args(argv)
-  if args.command is None:
-    parser.print_help()
-    return 2
-  if rest and not getattr(args, "_accepts_rest", False):
-    parser.error(f"unrecognized arguments: {' '.join(rest)}")
-  args.rest = rest
-  _, run = _load(COMMANDS[args.command][0])
+  command = command if command in COMMANDS else None
+  debug = "--debug" in argv
   try:
+    parser = build_parser(command)
+    # `medjax train` takes absl-style --config.x=... overrides; pass unknown flags through.
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+      parser.print_help()
+      return 2
+    if rest and not getattr(args, "_accepts_rest", False):
+      parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    check_paths(args)  # every declared path, before the command does anything
+    _, run = _load(COMMANDS[args.command][0])
     return int(run(args) or 0)
   except MedjaxError as e:
-    if args.debug:
+    if debug:
       raise
-    print(f"medjax {args.command}: error: {e}", file=sys.stderr)
+    msg = " ".join(str(e).splitlines())  # one line, whatever a file name holds
+    print(f"medjax{' ' + command if command else ''}: error: {msg}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)

@@ -6,26 +6,50 @@
 
 from __future__ import annotations
 
+import math
+
+from medjax.cli.args import path
 from medjax.errors import ConfigError
+from medjax.inputs import DIR, FILE, Float, Text
+
+
+def _topology(text: str) -> None:
+  from medjax.training.fit import parse_topology
+  parse_topology(text)
+
+
+def _price(text: str) -> None:
+  chip, eq, usd = text.partition("=")
+  if not eq or not chip.strip() or not 0 < float(usd) < math.inf:
+    raise ValueError(f"{text!r} is not CHIP=USD with a price above 0")
+
+
+def _number_or_dash(text: str) -> None:
+  if text != "-" and not 0 < float(text) < math.inf:
+    raise ValueError(f"{text!r} is not a finite number above 0 or '-'")
 
 
 def add_args(p):
-  p.add_argument("--config", action="append", required=True, metavar="FILE[:ARG]",
-                 help="a run config; repeat for a recipe (e.g. CPT then SFT), priced in turn "
-                 "and summed")
-  p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:2x2x1, v5e:4x4")
-  p.add_argument("--mfu", type=float, help="model FLOPs utilisation for the step time "
-                 "(default 0.35, stated in the output)")
-  p.add_argument("--from-run", metavar="WORKDIR",
-                 help="use the median MFU a previous run logged in its metrics.jsonl")
-  p.add_argument("--price-per-chip-hour", type=float, metavar="USD",
+  path(p, "--config", kind=FILE, with_arg=True, action="append", required=True,
+       metavar="FILE[:ARG]", help="a run config; repeat for a recipe (e.g. CPT then SFT), "
+       "priced in turn and summed")
+  p.add_argument("--topology", required=True, type=Text(check=_topology, what="CHIP:AxB[xC]"),
+                 help="TPU slice, e.g. v5p:2x2x1, v5e:4x4")
+  p.add_argument("--mfu", type=Float(gt=0, le=1), help="model FLOPs utilisation for the step "
+                 "time (default 0.35, stated in the output)")
+  path(p, "--from-run", kind=DIR, metavar="WORKDIR",
+       help="use the median MFU a previous run logged in its metrics.jsonl")
+  p.add_argument("--price-per-chip-hour", type=Float(gt=0), metavar="USD",
                  help="price of this slice's chip (default: the shipped list price)")
   p.add_argument("--price", action="append", default=[], metavar="CHIP=USD",
+                 type=Text(check=_price, what="CHIP=USD"),
                  help="override an entry of the shipped price table (v4, v5e, v5p, v6e)")
   p.add_argument("--tokens", action="append", default=[], metavar="N",
+                 type=Text(check=_number_or_dash, what="a token count or '-'"),
                  help="training tokens in a config's data, one per --config in order ('-' = "
                  "count them from the config's data)")
   p.add_argument("--epochs", action="append", default=[], metavar="E",
+                 type=Text(check=_number_or_dash, what="a number of passes or '-'"),
                  help="price E passes over the data instead of total_steps, one per --config "
                  "('-' = the config's total_steps)")
   p.add_argument("--no-fit", dest="fit", action="store_false",

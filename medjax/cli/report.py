@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import os
 
+from medjax.cli.args import path
+from medjax.inputs import DIR, WORKDIR, Text
+
 
 def add_args(p):
-  p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="training workdirs; a run "
-                 "whose init_from is another one given is drawn after it (CPT then SFT)")
-  p.add_argument("--out", help="folder for report.md, report.html and the PNG figures "
-                 "(default: WORKDIR/report of the first run)")
-  p.add_argument("--label", action="append", default=[],
+  path(p, "workdirs", kind=DIR, nargs="+", metavar="WORKDIR", help="training workdirs; a run "
+       "whose init_from is another one given is drawn after it (CPT then SFT)")
+  path(p, "--out", kind=WORKDIR, help="folder for report.md, report.html and the PNG figures "
+       "(default: WORKDIR/report of the first run)")
+  p.add_argument("--label", action="append", default=[], type=Text(nonempty=True),
                  help="a name per run, in order (default: the folder names)")
-  p.add_argument("--title", default="medjax run report")
+  p.add_argument("--title", default="medjax run report", type=Text())
 
 
 def run(args):

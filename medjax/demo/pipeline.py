@@ -100,8 +100,12 @@ def train_config(task: str, init_from: str, train: str, tokenizer: str, steps: i
   c.optim.update(dict(lr=lr, warmup_steps=max(1, steps // 10), final_lr_ratio=0.1))
   # Small in-training evals (held-out CMExam accuracy, TinyStories perplexity) for the
   # report's domain-gain / forgetting curves; step 5 evaluates the finished models in full.
-  c.eval.update(dict(cmexam=eval_cmexam if eval_limits[0] else "", cmexam_limit=eval_limits[0],
-                     text=eval_text if eval_limits[1] else "", text_limit=eval_limits[1]))
+  ev = dict(cmexam="", text="")
+  if eval_limits[0]:
+    ev.update(cmexam=eval_cmexam, cmexam_limit=eval_limits[0])
+  if eval_limits[1]:
+    ev.update(text=eval_text, text_limit=eval_limits[1])
+  c.eval.update(ev)
   return c
 
 

@@ -26,6 +26,8 @@ ROPE_TYPES = ("default", "llama3")
 #   offload: as full, but the layer inputs wait in host memory (TPU; frees B*T*D*L*2
 #     bytes of HBM, 1 GiB per 4096-token sequence for 7B, for host<->HBM copies).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch", "offload")
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # projections LoRA can adapt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,7 @@ class LlamaConfig:
       raise ConfigError(f"remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
     if self.attention not in ATTENTION:
       raise ConfigError(f"attention={self.attention!r}: expected one of {', '.join(ATTENTION)}")
-    bad = set(self.lora_targets) - {"q", "k", "v", "o", "gate", "up", "down"}
+    bad = set(self.lora_targets) - set(LORA_TARGETS)
     if bad:
       raise ConfigError(f"lora_targets: unknown projections {sorted(bad)}")
 

@@ -49,7 +49,10 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
   if not m:
     raise ConfigError(f"--topology {topology!r}: expected CHIP:AxB[xC] with CHIP one of "
                       f"{', '.join(CHIPS)}, e.g. v5p:2x2x1 or v5e:2x4")
-  return m.group(1), tuple(int(d) for d in m.group(2).split("x"))
+  dims = tuple(int(d) for d in m.group(2).split("x"))
+  if min(dims) < 1:
+    raise ConfigError(f"--topology {topology!r}: every dimension must be at least 1")
+  return m.group(1), dims
 
 
 def topology_devices(topology: str, cpu: bool = False):

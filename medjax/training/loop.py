@@ -14,6 +14,7 @@ import signal
 import jax
 import numpy as np
 
+from medjax import inputs
 from medjax.assets import resolve
 from medjax.checkpoints import manager as ckpt_lib
 from medjax.checkpoints import sources
@@ -61,8 +62,10 @@ class _Preemption:
 
 def main(c, workdir: str) -> dict:
   """Runs (or resumes) a training job; returns the last logged metrics."""
-  runconfig.validate(c)
-  _no_gs("--workdir", workdir)
+  runconfig.validate(c)  # every field, before anything is built or written
+  problem = inputs.path_problem(workdir, inputs.WORKDIR)
+  if problem:
+    raise ConfigError(f"--workdir {workdir}: {problem}")
   distributed.initialize()
 
   # ---------------------------------------------------------------- mesh
@@ -223,17 +226,9 @@ def _stop_nonfinite(step: int, ckpt) -> None:
                   f"it was not applied); last checkpoint: {where}")
 
 
-def _no_gs(name: str, path: str) -> None:
-  # Orbax writes gs:// itself, but the data readers, run files and metrics use local file
-  # I/O; on TPU VMs the bucket is mounted with gcsfuse instead (scripts/tpu_install.sh).
-  if path.startswith("gs://"):
-    raise ConfigError(f"{name} {path}: gs:// paths are not opened directly; mount the bucket "
-                      "with gcsfuse and pass /gcs/BUCKET/... (scripts/tpu_install.sh does)")
-
-
 def _make_workdir(workdir: str) -> None:
   """Creates the workdir and checks it is writable, with an error naming it (main has
-  already refused gs://)."""
+  already refused gs:// and paths that cannot be created)."""
   probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # hosts share the dir
   try:
     os.makedirs(workdir, exist_ok=True)

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import optax
 
+from medjax.errors import ConfigError
 from medjax.model import lora
 from medjax.model.config import LlamaConfig
 from medjax.model.params import flatten, unflatten
@@ -25,6 +26,11 @@ def learning_rate_schedule(oc) -> optax.Schedule:
 def trainable_mask(params, cfg: LlamaConfig, frozen: tuple[str, ...] = ()) -> Any:
   """True where a param trains: only LoRA adapters when LoRA is on; minus `frozen` prefixes."""
   flat = flatten(params)
+  unknown = [f for f in frozen if not any(k == f or k.startswith(f.rstrip("/") + "/")
+                                          for k in flat)]
+  if unknown:  # a misspelt prefix would silently train what was meant to stay fixed
+    raise ConfigError(f"config.frozen={','.join(frozen)!r}: {unknown[0]!r} is no param path "
+                      f"prefix (params: {', '.join(sorted(flat)[:6])}, ...)")
   out = {}
   for k in flat:
     train = lora.is_lora_path(k) if cfg.lora_rank else True

@@ -14,8 +14,10 @@ the standard library module is identical, so we alias it rather than add a depen
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import importlib.resources.abc
+import io
 import json
 import os
 import sys
@@ -67,8 +69,12 @@ def build(name: str, input_path: str | os.PathLike, out_dir: str | os.PathLike):
       # (the builders resolve links, so sources still name the real file).
       (Path(tmp) / manual.name).symlink_to(manual.resolve())
       manual = Path(tmp)
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(manual)))
+    # tfds prints "Downloading and preparing dataset Unknown size ..." and "Subsequent calls
+    # will reuse this data" to stdout though nothing is downloaded; `data build` prints what
+    # was built instead. Its progress bars (stderr) still show.
+    with contextlib.redirect_stdout(io.StringIO()):
+      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=str(manual)))
   return b, list(getattr(b, "problems", []))
 
 
