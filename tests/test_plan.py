@@ -84,12 +84,13 @@ def test_cli_fit_column_compiles_the_step(capsys):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--topology", "v9:2x2"], "--topology 'v9:2x2': expected CHIP:AxB[xC]"),
+    (["--topology", "v9:2x2"], "--topology: invalid value 'v9:2x2': expected CHIP:AxB[xC]"),
     (["--topology", "v5p:2x2x1", "--price", "v7=3"], "unknown price key 'v7'"),
-    (["--topology", "v5p:2x2x1", "--price", "v5p=free"], "--price v5p=free"),
+    (["--topology", "v5p:2x2x1", "--price", "v5p=free"], "--price: invalid value 'v5p=free'"),
     (["--topology", "v5p:2x2x1", "--tokens", "1", "--tokens", "2"], "one value per --config"),
     (["--topology", "v5p:2x2x1", "--config.bogus=1"], "bogus"),
-    (["--topology", "v5p:2x2x1", "--mfu", "35"], "--mfu 35.0: expected a fraction"),
+    (["--topology", "v5p:2x2x1", "--mfu", "35"],
+     "--mfu: invalid value '35': accepts a number in (0, 1]"),
 ])
 def test_bad_input_is_one_line(args, needle, capsys):
   assert cli.main(["plan", "--config", SFT, "--no-fit", *args]) == 1

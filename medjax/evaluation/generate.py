@@ -156,7 +156,7 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new
                         f"(vocab_size={cfg.vocab_size})")
   length = bucket_length(max(len(p) for p in prompts))
   tokens, seg, pos, lengths = left_pad(prompts, length)
-  # Explicit transfers: the training loop runs its evals under transfer_guard("disallow").
+  # Explicit transfers: the training loop runs its evals under host<->device transfer guards.
   args = jax.device_put((tokens, seg, pos, lengths, np.uint32(seed),
                          np.float32(temperature or 1.0), np.float32(top_p),
                          np.int32(-1 if eos_id is None else eos_id)))

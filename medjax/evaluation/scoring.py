@@ -100,7 +100,7 @@ def score_rows(cfg: LlamaConfig, params, rows: Sequence[Sequence[int]], batch_si
       tokens[j, :n], seg[j, :n], last[j] = rows[i], 1, n - 1
       ids[j, : len(gather[i])] = gather[i]
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (batch_size, t))
-    # Explicit transfers: the training loop runs its evals under transfer_guard("disallow").
+    # Explicit transfers: the training loop runs its evals under host<->device transfer guards.
     lp, nxt = _score_batch_jit(cfg, params, *jax.device_put((tokens, seg, pos, last, ids)))
     lp, nxt = jax.device_get((lp, nxt))
     for j, i in enumerate(idx):

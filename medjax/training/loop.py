@@ -6,6 +6,7 @@ loop. Rerunning the same command resumes from the newest good checkpoint in the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -182,7 +183,7 @@ def main(c, workdir: str) -> dict:
           break
         # Only explicit copies inside the step: an implicit host<->device transfer there
         # (a numpy array slipping into the jitted call) would be a silent slowdown.
-        with jax.transfer_guard("disallow"):
+        with _host_transfers_disallowed():
           state, m = train(state, distributed.global_batch(local, mesh, batch_sharding))
         step += 1
         pending.append(m)  # fetched every log_every steps, so the host never waits per step
@@ -194,7 +195,7 @@ def main(c, workdir: str) -> dict:
           last = logger.log(step, fetched, skipped=int(jax.device_get(state["skipped"])))
         evals = {}
         if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
-          with jax.transfer_guard("disallow"):  # the evals copy explicitly too
+          with _host_transfers_disallowed():  # the evals copy explicitly too
             evals = run_eval(state["params"])
           logger.log_eval(step, evals)
           last.update(evals)
@@ -216,6 +217,15 @@ def main(c, workdir: str) -> dict:
     raise
   logger.close()
   return last
+
+
+@contextlib.contextmanager
+def _host_transfers_disallowed():
+  """jax's transfer guard for host<->device copies (device-to-device ones, e.g. a batch
+  resharded onto the mesh inside jit, are allowed)."""
+  with jax.transfer_guard_host_to_device("disallow"), \
+       jax.transfer_guard_device_to_host("disallow"):
+    yield
 
 
 def _stop_nonfinite(step: int, ckpt) -> None:
