@@ -50,7 +50,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                  help="stored row length (default 4096 for medical_text, whose runs may use "
                       "any divisor; 1024 for cmexam, whose runs must use it)")
   b.add_argument("--workers", type=int, default=None,
-                 help="tokenizing processes (default: one per core)")
+                 help="tokenizing processes (default: one per core but one; 1 = tokenize "
+                      "in the main process)")
   b.add_argument("--val-fraction", type=float, default=0.02,
                  help="medical_text: documents held out for validation by a stable hash")
   b.add_argument("--with-explanation", action="store_true",
@@ -107,9 +108,10 @@ def _build(args) -> int:
 
 
 def _build_tokenized(args) -> int:
+  from medjax.assets import resolve
   from medjax.data import build_tokenized
   from medjax.data.tokenizer import Tokenizer
-  tok = Tokenizer(args.tokenizer)
+  tok = Tokenizer(resolve(args.tokenizer))
   if args.name == "medical_text":
     root, m = build_tokenized.build_text(args.input, args.out, tok, args.seq_len or 4096,
                                          args.val_fraction, workers=args.workers, log=print)

@@ -3,8 +3,9 @@
 
   medical_text  documents (BOS + text + EOS) from corpus files, split into train and
                 validation by a stable hash of each document, concat-packed into rows.
-                The corpus is streamed: the main process parses files and packs; worker
-                processes (one per core) tokenize chunks of documents, in order.
+                The corpus is streamed: the main process parses files, packs and writes;
+                worker processes (one per other core) tokenize chunks of documents, in
+                order.
   cmexam        CMExam CSVs, split by file name (train/val/test), each question tokenized
                 as prompt (not trained) + answer (+ explanation) + EOS, "fit"-packed.
 
@@ -222,6 +223,7 @@ def _write_build(out_dir, name: str, fill) -> Path:
   """Runs `fill(tmp_dir) -> manifest` and moves the result to OUT/NAME/tokenized."""
   import json
   final = Path(out_dir) / name / tokenized.SUBDIR
+  created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = final.with_name(f"{tokenized.SUBDIR}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
@@ -235,8 +237,13 @@ def _write_build(out_dir, name: str, fill) -> Path:
       final.rename(old)
       shutil.rmtree(old)
     tmp.rename(final)
-  except BaseException:
+  except BaseException:  # bad input or interrupted: leave nothing behind
     shutil.rmtree(tmp, ignore_errors=True)
+    for p in created:  # deepest first
+      try:
+        p.rmdir()
+      except OSError:
+        break
     raise
   return final
 
@@ -253,7 +260,8 @@ def build_text(input_path, out_dir, tokenizer, seq_len: int = 4096,
     seq_len: stored row length; runs may read any divisor of it.
     val_fraction: share of documents held out for validation, by `corpus.is_validation`.
     seed: the hash seed of the split.
-    workers: tokenizing processes; None = one per core, <= 1 = in this process.
+    workers: tokenizing processes; None = one per core but one; <= 1 = in this process
+      (the tokenizer's batch encoder still uses every core).
     columns: CSV text columns (`corpus.read_documents`).
     name: the dataset name (the folder under out_dir).
     log: prints progress notes (None: silent).
@@ -266,7 +274,8 @@ def build_text(input_path, out_dir, tokenizer, seq_len: int = 4096,
   if not 0.0 <= val_fraction < 1.0:
     raise DataError(f"--val-fraction {val_fraction}: must be in [0, 1)")
   files = corpus.list_files(input_path)  # errors (missing, no corpus files) before writing
-  workers = os.cpu_count() if workers is None else workers
+  # Default: one tokenizing process per core but one, which parses, packs and writes.
+  workers = max(1, (os.cpu_count() or 1) - 1) if workers is None else workers
   dtype = _token_dtype(tokenizer)
   base = Path(input_path)
   names = [str(f.relative_to(base)) if base.is_dir() else f.name for f in files]

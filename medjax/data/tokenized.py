@@ -93,6 +93,8 @@ def trained_in_row(n_tokens: int, row_len: int, starts: np.ndarray,
   k = min(row_len, n_tokens - 1)
   if k <= 0:
     return 0
+  if weights is None:
+    return k - int(np.count_nonzero((starts >= 1) & (starts <= k)))
   inside = np.ones(k, bool)  # the target of token i is token i+1 of the same document
   s = starts[(starts >= 1) & (starts <= k)]
   inside[s - 1] = False
@@ -295,10 +297,22 @@ def _check_file(path: Path, size: int, records: int) -> None:
                     "rebuild the dataset")
   try:
     r = array_record_module.ArrayRecordReader(str(path))
-    n = r.num_records()
-    r.close()
   except Exception as e:  # the reader raises its own types for a damaged footer
     raise DataError(f"{path}: not a readable ArrayRecord file "
                     f"({str(e).splitlines()[0][:200]})") from None
-  if n != records:
-    raise DataError(f"{path}: {n} records, the manifest says {records}; rebuild the dataset")
+  try:
+    n = r.num_records()
+    if n != records:
+      raise DataError(f"{path}: {n} records, the manifest says {records}; rebuild the "
+                      "dataset")
+    for k in sorted({0, n - 1}):  # the ends: a damaged file fails before any training
+      try:
+        decode_row(r.read([k])[0])
+      except Exception as e:
+        raise DataError(f"{path}: record {k} is unreadable "
+                        f"({str(e).splitlines()[0][:200]}); rebuild the dataset") from None
+  finally:
+    try:
+      r.close()
+    except Exception:  # a damaged file also fails to close; the error above says why
+      pass
