@@ -15,7 +15,6 @@ process so its peak RSS is its own:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
