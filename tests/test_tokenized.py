@@ -229,6 +229,16 @@ def test_overlap_on_build_matches_raw_files(built, tok, tmp_path):
   assert got.tokens > 0 and got.example[0][1].startswith(f"{split} row ")
 
 
+def test_overlap_cli_on_build(built, capsys):
+  from medjax import cli
+  assert cli.main(["data", "overlap", "--build", f"tfds:{built['root'] / 'out'}", "--eval",
+                   str(asset_path("cmexam_sample.csv"))]) == 0
+  out = capsys.readouterr().out
+  tokens = built["manifest"]["splits"]["train"]["tokens"]
+  assert "0 of 1200 eval questions share a 13-character n-gram" in out
+  assert f"({tokens:,} tokens, " in out and "tokens/s" in out
+
+
 def test_bad_builds_fail_before_training(built, tok, tmp_path):
   import shutil
   out = tmp_path / "out"

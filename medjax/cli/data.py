@@ -1,6 +1,8 @@
 """`medjax data build|show|overlap|bench` and `medjax tokenizer extend`.
 
   medjax data build cmexam --input medjax/assets/cmexam_sample.csv --out /tmp/tfds
+  medjax data build medical_text --input corpus/ --out built/ --tokenizer tokenizer.model
+  medjax data overlap --build tfds:built/ --eval cmexam_test.csv
   medjax data show --kind sft --input medjax/assets/cmexam_sample.csv --rows 2
   medjax data overlap --corpus medjax/assets/medical_text_sample.csv \
       --eval medjax/assets/cmexam_sample.csv --write-filtered /tmp/clean.jsonl

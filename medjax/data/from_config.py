@@ -72,6 +72,9 @@ def make_data(c, tokenizer, log, rows: slice | None = None):
     (a `pipeline.GlobalBatches`, validation rows / texts / questions or None).
   """
   d = c.data
+  if not 0 <= d.replay_weight < 1:
+    raise DataError(f"data.replay_weight={d.replay_weight}: must be in [0, 1) (a fraction of "
+                    "the trained tokens)")
   kw = dict(rows=rows if rows is not None else distributed.process_slice(c.batch_size))
   built = _built_dataset(d.train)
   opened = _open_built(d.train, "medical_text" if c.task == "cpt" else "cmexam", c,

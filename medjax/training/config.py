@@ -22,10 +22,12 @@ def base_config() -> ml_collections.ConfigDict:
       lora_rank=0, lora_alpha=16.0, lora_targets="q,k,v,o"))
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = "asset:medical_text_sample.csv"  # comma-separated files/folders, or tfds:DIR
+  # Comma-separated files/folders (tokenized at start), or tfds:DIR (`medjax data build`;
+  # a tokenized build there is read by random access and must match the run's tokenizer).
+  c.data.train = "asset:medical_text_sample.csv"
   c.data.columns = "title,ask,answer"  # CSV text columns ("" = defaults, see corpus.py)
-  c.data.replay = "asset:tinystories_sample.txt"  # general text mixed in against forgetting
-  c.data.replay_weight = 0.0  # fraction of rows drawn from `replay`
+  c.data.replay = "asset:tinystories_sample.txt"  # general text against forgetting, as train
+  c.data.replay_weight = 0.0  # in [0, 1): fraction of the trained tokens from `replay`
   c.data.val_fraction = 0.05  # held out by a stable hash of each document / question
   c.data.seq_len = 256
   c.data.tokenizer = ""  # "" = the init checkpoint's tokenizer.model

@@ -187,8 +187,11 @@ def main(c, workdir: str) -> dict:
           pending = []
           if c.nan_policy == "stop" and not all(bool(f["finite"]) for f in fetched):
             _stop_nonfinite(step, ckpt)
+          # Realized mixture fractions: a collective, so only at steps every process logs.
+          mix = (metrics_lib.mixture_fractions(train_it)
+                 if step % c.log_every == 0 or step == c.total_steps else {})
           last = logger.log(step, fetched, skipped=int(jax.device_get(state["skipped"])),
-                            extra=metrics_lib.mixture_fractions(train_it))
+                            extra=mix)
         evals = {}
         if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
           evals = run_eval(state["params"])

@@ -125,6 +125,8 @@ class Logger:
       self.bar.close()
     if self.tb is not None:
       self.tb.close()
+
+
 def mixture_fractions(train_it) -> dict[str, float]:
   """`mix/NAME`: each mixture source's share of the tokens trained since the last call,
   over all processes (every process must call it at the same step). {} without a mixture."""
