@@ -1,5 +1,6 @@
 """End to end: `medjax train` checkpointed as 2 processes x 4 CPU devices resumes as 1 process
-x 8 devices with the losses of an uninterrupted 1 x 8 run (the data position is global).
+x 8 devices with the losses and mixture fractions of an uninterrupted 1 x 8 run (the data
+position is global; the realized replay fraction is summed over processes).
 
 Four `medjax train` processes (~1 min on 2 shared cores), so it runs only with
 MEDJAX_SLOW_TESTS=1; `tests/test_tokenized.py::test_elastic_resume_2x4_1x8_4x2` checks the
@@ -37,7 +38,8 @@ def _train(workdir, built, steps, devices, process=None):
   if process:
     cmd += ["--coordinator", f"localhost:{process[2]}", "--num-processes", str(process[1]),
             "--process-id", str(process[0])]
-  o = {"init_from": "", "model": "tiny", "data.train": f"tfds:{built}", "data.replay": "",
+  o = {"init_from": "", "model": "tiny", "data.train": f"tfds:{built}",
+       "data.replay": "asset:tinystories_sample.txt", "data.replay_weight": 0.25,
        "data.seq_len": 32, "batch_size": 8, "total_steps": steps, "log_every": 1,
        "checkpoint_every": 2, "eval_every": 0, "eval.text": "", "data.tokenizer": TOKENIZER}
   cmd += [f"--config.{k}={v}" for k, v in o.items()]
@@ -58,7 +60,7 @@ def _wait(p):
 
 def _losses(workdir):
   recs = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
-  return {r["step"]: r["loss"] for r in recs if "loss" in r}
+  return {r["step"]: (r["loss"], r["mix/replay"]) for r in recs if "loss" in r}
 
 
 def test_two_processes_resume_as_one(tmp_path):
@@ -80,4 +82,6 @@ def test_two_processes_resume_as_one(tmp_path):
   assert sorted(got) == sorted(want) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)],
                              rtol=1e-5)
-  assert len(set(want.values())) == 4  # four different batches
+  assert len({loss for loss, _ in want.values()}) == 4  # four different batches
+  # The realized replay share of the trained tokens, summed over the processes.
+  assert all(0.15 < mix < 0.35 for _, mix in got.values())
