@@ -195,6 +195,10 @@ class Build:
     if m.get("version") != VERSION:
       raise DataError(f"{path}: build format version {m.get('version')}, this medjax reads "
                       f"{VERSION}; rebuild with `medjax data build`")
+    missing = [k for k in ("kind", "seq_len", "tokenizer", "splits") if k not in m]
+    if missing or not isinstance(m["splits"], dict) or "sha256" not in m["tokenizer"]:
+      raise DataError(f"{path}: manifest lacks {', '.join(missing) or 'tokenizer.sha256'}; "
+                      "rebuild the dataset")
     self.manifest, self.path = m, path
 
   @property
