@@ -57,7 +57,20 @@ def files(tmp_path_factory):
   words = ["fever", "cough", "heart", "blood", "lung", "pain"]
   (root / "corpus.txt").write_text(
       "\n\n".join(" ".join(rng.choice(words, 30)) for _ in range(20)))
+  assert cli.main(["data", "build", "medical_text", "--input", str(root / "corpus.txt"),
+                   "--out", str(root / "built"), "--tokenizer", TOKENIZER, "--seq-len", "64",
+                   "--workers", "1"]) == 0
   return root
+
+
+BUILT = Path("built") / "medical_text" / "tokenized"
+
+
+def _edit_manifest(root: Path, edit) -> None:
+  path = root / BUILT / "manifest.json"
+  m = json.loads(path.read_text())
+  edit(m)
+  path.write_text(json.dumps(m))
 
 
 def train_args(root: Path, *overrides: str) -> list[str]:
@@ -154,6 +167,27 @@ CASES = [
      "empty.txt: no documents", "w"),
     ("missing-corpus", lambda r: train_args(r, f"--config.data.train={r / 'nope.txt'}"),
      "nope.txt': no such file or folder", "w"),
+    ("build-from-another-tokenizer",
+     lambda r: (_edit_manifest(r, lambda m: m["tokenizer"].update(sha256="0" * 64)),
+                train_args(r, f"--config.data.train=tfds:{r / 'built'}"))[1],
+     "built with tokenizer sha256 0000000000000000", "w"),
+    ("build-truncated-arrayrecord",
+     lambda r: (os.truncate(r / BUILT / "train-00000.array_record", 100),
+                train_args(r, f"--config.data.train=tfds:{r / 'built'}"))[1],
+     "train-00000.array_record: 100 bytes, the manifest says", "w"),
+    ("build-missing-split",
+     lambda r: (_edit_manifest(r, lambda m: m["splits"].pop("train")),
+                train_args(r, f"--config.data.train=tfds:{r / 'built'}"))[1],
+     "manifest.json: no split 'train'", "w"),
+    ("build-seq-len-not-a-divisor",
+     lambda r: train_args(r, f"--config.data.train=tfds:{r / 'built'}",
+                          "--config.data.seq_len=48"),
+     "data.seq_len=48 must divide the build's row length 64", "w"),
+    ("build-empty-source",
+     lambda r: ((r / "empty.txt").write_text("\n\n"),
+                ["data", "build", "medical_text", "--input", str(r / "empty.txt"), "--out",
+                 str(r / "new"), "--tokenizer", TOKENIZER, "--workers", "1"])[1],
+     "empty.txt: no documents", "new"),
     ("seq-len-beyond-positions", lambda r: train_args(r, "--config.data.seq_len=4096"),
      "data.seq_len=4096 exceeds the model's max_position_embeddings=512", "w"),
     ("tokenizer-larger-than-embedding", lambda r: train_args(r, "--config.model=tiny-mha"),

@@ -198,10 +198,14 @@ def test_recipe_configs(base):
     assert c.model == preset and preset in config.PRESETS and preset in recipes.BASES
   assert (cpt.task, cpt.init_from) == ("cpt", f"/gcs/b/medjax/{preset}")
   assert (sft.task, sft.init_from) == ("sft", f"/gcs/b/medjax/runs/{preset}-cpt")
-  # Only the base differs from the paper's Llama 2 recipe.
+  # Only the base differs from the paper's Llama 2 recipe (and so the tokenized data).
   ref = recipes.paper_cpt("7b", "/gcs/b/medjax").to_dict()
   diff = {k for k, v in cpt.to_dict().items() if ref[k] != v}
-  assert diff == {"model", "init_from"}, diff
+  assert diff == {"model", "init_from", "data"}, diff
+  tok = recipes.TOKENIZER_OF[preset]
+  assert (cpt.data.train, cpt.data.replay) == (f"tfds:/gcs/b/medjax/data/built/{tok}",
+                                               f"tfds:/gcs/b/medjax/data/built_general/{tok}")
+  assert {k for k, v in cpt.data.to_dict().items() if ref["data"][k] != v} == {"train", "replay"}
 
 
 def test_biases_get_no_weight_decay():

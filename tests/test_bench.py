@@ -105,6 +105,16 @@ def _mib(out: str, label: str) -> float:
   return float(m.group(1))
 
 
+def test_data_corpus_scale(capsys, tmp_path):
+  out = _bench(capsys, "data", "--corpus-tokens", "2e5", "--seq-len", "256", "--batch-size",
+               "4", "--batches", "2", "--tmp", str(tmp_path), "--no-record")
+  built = re.search(r"build: ([\d,]+) tokens in .* peak RSS (\d+) MiB", out)
+  assert built and int(built[1].replace(",", "")) > 150_000 and int(built[2]) > 0
+  assert re.search(r"first batch \(4 x 256, tfds: build, one process\): [\d.]+ s", out)
+  assert "0 of 1200 eval questions" in out and "tokens/s" in out
+  assert not list(tmp_path.iterdir())  # corpus and build removed
+
+
 def test_import_rss(capsys, tmp_path):
   out = _bench(capsys, "import", "--size", "tiny", "--shard-mb", "0.1", "--tmp",
                str(tmp_path), "--no-record")

@@ -7,6 +7,7 @@
   medjax bench train --shape 7b --layers 8 --compare-hf --steps 12 --block 3   # on a GPU
   medjax bench attention                           # fwd+bwd of each attention implementation
   medjax bench data                                # packed CPT pipeline tokens/s
+  medjax bench data --corpus-tokens 1e8            # tokenized build: build, first batch, RSS
   medjax bench import                              # HF -> medjax of a ~1 GB model: time, RSS
   medjax bench safetensors                         # medjax's reader vs the safetensors package
   medjax bench fit                                 # `medjax fit` on the paper's TPU slices
@@ -41,7 +42,7 @@ from medjax.bench.scaling import bench_scaling, scaling_lines
 from medjax.bench.train import bench_breakdown, bench_train, breakdown_lines, train_lines
 from medjax.cli.args import path
 from medjax.errors import UsageError
-from medjax.inputs import NEW_FILE, WORKDIR, Float, Int, Ints, Text
+from medjax.inputs import FILE, NEW_FILE, WORKDIR, Float, Int, Ints, Text
 from medjax.model.config import ATTENTION
 
 
@@ -93,11 +94,26 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   a.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
   a.add_argument("--reps", type=Int(ge=1), default=10)
 
-  d = sub.add_parser("data", help="packed CPT pipeline tokens/s per process")
+  d = sub.add_parser("data", help="packed CPT pipeline tokens/s per process; with "
+                     "--corpus-tokens, the tokenized build at corpus scale")
   common(d, shape=None)
-  d.add_argument("--seq-len", type=Int(ge=1), default=2048)
-  d.add_argument("--batch-size", type=Int(ge=1), default=8)
-  d.add_argument("--batches", type=Int(ge=1), default=200)
+  d.add_argument("--corpus-tokens", type=Float(gt=0), default=None,
+                 help="build a synthetic corpus of this many tokens (e.g. 1e8) and measure "
+                      "build tokens/s, time to first batch, peak RSS, overlap tokens/s")
+  path(d, "--tokenizer", kind=FILE, default=None,
+       help="--corpus-tokens: tokenizer.model (default: the shipped tiny one)")
+  d.add_argument("--workers", type=Int(ge=1), default=None,
+                 help="--corpus-tokens: build workers")
+  path(d, "--tmp", kind=WORKDIR, help="--corpus-tokens: where to write corpus and build")
+  d.add_argument("--compare-text", action="store_true",
+                 help="--corpus-tokens: also time the first batch from the raw files")
+  d.add_argument("--keep", action="store_true", help="--corpus-tokens: keep corpus and build")
+  d.add_argument("--seq-len", type=Int(ge=1), default=None,
+                 help="default 2048; 4096 with --corpus-tokens")
+  d.add_argument("--batch-size", type=Int(ge=1), default=None,
+                 help="default 8; 256 with --corpus-tokens (the CPT recipe's)")
+  d.add_argument("--batches", type=Int(ge=1), default=None,
+                 help="batches timed (default 200; 20 with --corpus-tokens)")
 
   i = sub.add_parser("import", help="HF -> medjax import of a synthetic model: time, RSS")
   common(i, shape=None)
@@ -158,13 +174,21 @@ def run(args: argparse.Namespace) -> int:
   elif cmd == "attention":
     shape = (args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, args.dtype)
     record(args, "attention", attention_lines(bench_attention(*shape, args.reps), *shape))
+  elif cmd == "data" and args.corpus_tokens:
+    from medjax.assets import asset_path
+    from medjax.bench.data_scale import bench_scale, scale_lines
+    tok = args.tokenizer or str(asset_path("tinystories-260k/tokenizer.model"))
+    r = bench_scale(int(args.corpus_tokens), tok, args.seq_len or 4096, args.batch_size or 256,
+                    args.batches or 20, args.workers, args.tmp, args.compare_text, args.keep)
+    record(args, f"data --corpus-tokens {int(args.corpus_tokens):,}", scale_lines(r))
   elif cmd == "data":
     from medjax.assets import asset_path
     from medjax.data import corpus, preview
     from medjax.data.tokenizer import Tokenizer
     tok = Tokenizer(asset_path("tinystories-260k/tokenizer.model"))
     texts = corpus.read_texts([asset_path("medical_text_sample.csv")])
-    r = preview.bench_data(texts, tok, args.seq_len, args.batch_size, args.batches)
+    r = preview.bench_data(texts, tok, args.seq_len or 2048, args.batch_size or 8,
+                           args.batches or 200)
     record(args, "data", [
         f"packed CPT pipeline (shipped medical sample, TinyStories tokenizer), batch "
         f"{r['batch_size']} x seq {r['seq_len']}, {r['num_batches']} batches, one process:",

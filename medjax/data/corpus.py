@@ -17,10 +17,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
+import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from medjax.errors import DataError
@@ -37,40 +37,51 @@ class Document:
   source: str  # "file:line"
 
 
-def _read_text(path: Path) -> str:
+def _raw_lines(path: Path) -> Iterator[tuple[int, str]]:
+  """(line number, line with its line break) of a UTF-8 file, streamed."""
   try:
-    raw = path.read_bytes()
+    f = open(path, "rb")
   except OSError as e:
     raise DataError(f"{path}: cannot read ({e.strerror})") from None
-  try:
-    return raw.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    line = raw[: e.start].count(b"\n") + 1
-    raise DataError(f"{path}:{line}: not UTF-8 (byte {e.start}); re-encode the file "
-                    "as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)") from None
+  with f:
+    for i, raw in enumerate(f, start=1):
+      try:
+        yield i, raw.decode("utf-8-sig" if i == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{i}: not UTF-8 (byte {e.start} of the line); re-encode the "
+                        "file as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)") from None
 
 
-def _read_txt(path: Path, text: str) -> list[Document]:
-  lines = text.splitlines()
-  use_eot = any(ln.strip() == EOT for ln in lines)
-  docs, buf, first = [], [], 0
-  for i, ln in enumerate(lines + [EOT if use_eot else ""], start=1):
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+  """(line number, line) without line breaks; str.splitlines' other separators (\r, \x0b,
+  \u2028, ...) split a line further, as reading the whole file with splitlines did."""
+  for i, line in _raw_lines(path):
+    yield from ((i, part) for part in (line.splitlines() or [""]))
+
+
+def _uses_eot(path: Path) -> bool:
+  with open(path, "rb") as f:
+    return any(ln.strip() == EOT.encode() for ln in f)
+
+
+def _read_txt(path: Path) -> Iterator[Document]:
+  use_eot = _uses_eot(path)
+  buf, first = [], 0
+  for i, ln in itertools.chain(_lines(path), [(0, EOT if use_eot else "")]):
     is_sep = ln.strip() == EOT if use_eot else not ln.strip()
     if is_sep:
       body = "\n".join(buf).strip()
       if body:
-        docs.append(Document(body, f"{path}:{first}"))
+        yield Document(body, f"{path}:{first}")
       buf = []
     else:
       if not buf:
         first = i
       buf.append(ln)
-  return docs
 
 
-def _read_jsonl(path: Path, text: str) -> list[Document]:
-  docs = []
-  for i, ln in enumerate(text.splitlines(), start=1):
+def _read_jsonl(path: Path) -> Iterator[Document]:
+  for i, ln in _lines(path):
     if not ln.strip():
       continue
     try:
@@ -80,12 +91,12 @@ def _read_jsonl(path: Path, text: str) -> list[Document]:
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
       raise DataError(f"{path}:{i}: field 'text' missing or not a string")
     if obj["text"].strip():
-      docs.append(Document(obj["text"].strip(), f"{path}:{i}"))
-  return docs
+      yield Document(obj["text"].strip(), f"{path}:{i}")
 
 
-def _read_csv(path: Path, text: str, columns: Sequence[str] | None) -> list[Document]:
-  reader = csv.reader(io.StringIO(text, newline=""))
+def _read_csv(path: Path, columns: Sequence[str] | None) -> Iterator[Document]:
+  # csv reads fields that span lines from the line iterator; line_num counts them.
+  reader = csv.reader(ln for _, ln in _raw_lines(path))
   header = [h.strip() for h in next(reader, [])]
   if not header:
     raise DataError(f"{path}: empty file (no header row)")
@@ -96,13 +107,12 @@ def _read_csv(path: Path, text: str, columns: Sequence[str] | None) -> list[Docu
   if missing:
     raise DataError(f"{path}:1: missing column {missing[0]!r} (header: {', '.join(header)})")
   idx = [header.index(c) for c in columns]
-  docs, start = [], reader.line_num + 1
+  start = reader.line_num + 1
   for row in reader:
     line, start = start, reader.line_num + 1
     parts = [row[i].strip() for i in idx if i < len(row) and row[i].strip()]
     if parts:
-      docs.append(Document("\n".join(parts), f"{path}:{line}"))
-  return docs
+      yield Document("\n".join(parts), f"{path}:{line}")
 
 
 def list_files(path: str | os.PathLike) -> list[Path]:
@@ -120,15 +130,15 @@ def list_files(path: str | os.PathLike) -> list[Path]:
   return [p]
 
 
-def read_documents(paths: str | os.PathLike | Sequence[str | os.PathLike],
-                   columns: Sequence[str] | None = None) -> list[Document]:
-  """Reads documents from files and folders.
+def iter_documents(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                   columns: Sequence[str] | None = None) -> Iterator[Document]:
+  """Streams documents from files and folders, one line at a time (memory: one document).
 
   Args:
     paths: a file or folder, or a list of them.
     columns: for `.csv` files, the columns joined into a document (see module docstring).
 
-  Returns:
+  Yields:
     Documents in file order.
 
   Raises:
@@ -136,21 +146,26 @@ def read_documents(paths: str | os.PathLike | Sequence[str | os.PathLike],
   """
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
-  docs: list[Document] = []
   for p in paths:
     for f in list_files(p):
-      text = _read_text(f)
       suffix = f.suffix.lower()
       if suffix == ".txt":
-        got = _read_txt(f, text)
+        got = _read_txt(f)
       elif suffix == ".jsonl":
-        got = _read_jsonl(f, text)
+        got = _read_jsonl(f)
       else:
-        got = _read_csv(f, text, columns)
-      if not got:
+        got = _read_csv(f, columns)
+      n = 0
+      for n, d in enumerate(got, start=1):
+        yield d
+      if not n:
         raise DataError(f"{f}: no documents (empty file)")
-      docs.extend(got)
-  return docs
+
+
+def read_documents(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                   columns: Sequence[str] | None = None) -> list[Document]:
+  """All documents of `iter_documents(paths, columns)`, as a list."""
+  return list(iter_documents(paths, columns))
 
 
 def read_texts(paths, columns: Sequence[str] | None = None) -> list[str]:

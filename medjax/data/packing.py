@@ -178,6 +178,16 @@ class PackedRows:
   def __len__(self) -> int:
     return len(self.row_ptr) - 1
 
+  @property
+  def trained_tokens(self) -> int:
+    """Targets with loss_mask 1 over all rows (mixtures weigh sources by it)."""
+    starts, ends = self.docs.offsets[self.order], self.docs.offsets[self.order + 1]
+    if self.docs.weights is None:  # every target inside a document
+      return int(np.maximum(ends - starts - 1, 0).sum())
+    cum = np.concatenate([[0], np.cumsum(self.docs.weights, dtype=np.int64)])
+    last = np.maximum(ends - 1, starts)  # the last token's target is another document
+    return int((cum[last] - cum[starts]).sum())
+
   def __getitem__(self, r: int) -> dict[str, np.ndarray]:
     T, docs = self.seq_len, self.docs
     row = {"inputs": np.full(T, self.pad_id, np.int32),

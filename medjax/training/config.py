@@ -69,11 +69,13 @@ def fields() -> inputs.Fields:
                       prefixed={"tfds:": DIR})
   c.data.columns = Text("title,ask,answer")  # CSV text columns ("" = defaults, see corpus.py)
   # general text mixed in against forgetting ("" = none)
-  c.data.replay = Path("asset:tinystories_sample.txt", FILE_OR_DIR, many=True, empty_ok=True)
-  c.data.replay_weight = Float(0.0, ge=0, lt=1)  # fraction of rows drawn from `replay`
+  c.data.replay = Path("asset:tinystories_sample.txt", FILE_OR_DIR, many=True, empty_ok=True,
+                       prefixed={"tfds:": DIR})
+  c.data.replay_weight = Float(0.0, ge=0, lt=1)  # fraction of the trained tokens from `replay`
   c.data.val_fraction = Float(0.05, ge=0, lt=1)  # held out by a stable hash of each document
   c.data.seq_len = Int(256, ge=1)  # tokens per row
-  c.data.tokenizer = Path("", FILE, empty_ok=True)  # "" = the init checkpoint's tokenizer.model
+  # "" = the init checkpoint's tokenizer (tokenizer.model or tokenizer.json)
+  c.data.tokenizer = Path("", FILE, empty_ok=True)
   c.data.with_explanation = Bool(False)  # SFT: train on "answer + explanation"
 
   c.batch_size = Int(16, ge=1)  # global, in sequences

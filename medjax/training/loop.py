@@ -98,7 +98,11 @@ def main(c, workdir: str) -> dict:
        f"model {cfg.num_params() / 1e6:.2f}M params")
 
   # ---------------------------------------------------------------- data
-  train_it, val_source = from_config.make_data(c, tokenizer, _log)
+  # Each process reads its devices' rows of every global batch. The data position saved in
+  # checkpoints is global, so a run resumes on another process count or mesh.
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  rows = distributed.process_slice(c.batch_size, batch_sharding)
+  train_it, val_source = from_config.make_data(c, tokenizer, _log, rows)
   evals_lib.check(c)
 
   # ---------------------------------------------------------------- state
@@ -133,7 +137,7 @@ def main(c, workdir: str) -> dict:
     if saved.partial:  # the base comes from init_from, as at the start of the run
       state = saved.complete(state, state_fn(*init_args))
     if data_state:
-      train_it.set_state(data_state)
+      train_it.set_state(data_state)  # a global batch position: any process count
     _log(f"resumed from {ckpt.directory}/{start}")
   else:
     state = state_fn(*init_args)
@@ -142,7 +146,6 @@ def main(c, workdir: str) -> dict:
   del init_params, init_args
 
   # ---------------------------------------------------------------- step
-  batch_sharding = sharding.batch_sharding(mesh, rules)
   step_fn = functools.partial(ts.train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
                               accum_steps=c.accum_steps)
   with sharding.activate(mesh, rules):
@@ -155,7 +158,7 @@ def main(c, workdir: str) -> dict:
     out = {}
     if val_source is not None:
       tot, cnt = 0.0, 0.0
-      for i, b in enumerate(from_config.val_batches(c, val_source, tokenizer)):
+      for i, b in enumerate(from_config.val_batches(c, val_source, tokenizer, rows)):
         if i >= c.eval_batches:
           break
         with sharding.activate(mesh, rules):
@@ -192,7 +195,11 @@ def main(c, workdir: str) -> dict:
           pending = []
           if c.nan_policy == "stop" and not all(bool(f["finite"]) for f in fetched):
             _stop_nonfinite(step, ckpt)
-          last = logger.log(step, fetched, skipped=int(jax.device_get(state["skipped"])))
+          # Realized mixture fractions: a collective, so only at steps every process logs.
+          mix = (metrics_lib.mixture_fractions(train_it)
+                 if step % c.log_every == 0 or step == c.total_steps else {})
+          last = logger.log(step, fetched, skipped=int(jax.device_get(state["skipped"])),
+                            extra=mix)
         evals = {}
         if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
           with _host_transfers_disallowed():  # the evals copy explicitly too

@@ -74,7 +74,8 @@ class Logger:
       self.bar = tqdm(total=total, initial=start, desc="train", unit="step",
                       dynamic_ncols=True, mininterval=1.0)
 
-  def log(self, step: int, fetched: list[dict], skipped: int = 0) -> dict:
+  def log(self, step: int, fetched: list[dict], skipped: int = 0,
+          extra: dict | None = None) -> dict:
     now = time.perf_counter()
     dt = max(now - self.t_last, 1e-9)
     # Throughput and MFU count every token the model processed (SFT prompts included: the
@@ -95,6 +96,7 @@ class Logger:
     }
     # MFU from processed tokens; padding is not counted (it is not the model's work).
     rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / self.peak
+    rec.update(extra or {})
     self.t_last, self.step_last = now, step
     self._write(rec)
     if self.bar is not None:
@@ -128,6 +130,24 @@ class Logger:
       self.bar.close()
     if self.tb is not None:
       self.tb.close()
+
+
+def mixture_fractions(train_it) -> dict[str, float]:
+  """`mix/NAME`: each mixture source's share of the tokens trained since the last call,
+  over all processes (every process must call it at the same step). {} without a mixture."""
+  take = getattr(train_it, "take_source_tokens", None)
+  counts = take() if take is not None else None
+  if counts is None:
+    return {}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+  total = float(np.sum(counts))
+  if not total:
+    return {}
+  return {f"mix/{n}": float(x) / total for n, x in zip(train_it.source_names, counts)}
+
+
 def trim_metrics(workdir: str, step: int) -> None:
   """Drops `metrics.jsonl` records after `step` (and a line torn by a crash), so a resumed
   run's log continues the uninterrupted one instead of repeating the steps it lost."""

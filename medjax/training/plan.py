@@ -157,8 +157,8 @@ def data_tokens(c, sample_bytes: int = SAMPLE_BYTES) -> tuple[float | None, str]
   tok_path = tokenizer_path(c)
   if tok_path is None:
     return None, "no tokenizer here (data.tokenizer / init_from); pass --tokens"
-  from medjax.data.tokenizer import Tokenizer
-  tok = Tokenizer(tok_path)
+  from medjax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer(tok_path)
   if c.task == "sft":
     return _sft_tokens(c, paths, tok)
   return _cpt_tokens(c, paths, tok, sample_bytes)

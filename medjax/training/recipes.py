@@ -20,6 +20,14 @@ from medjax.training.config import base_config
 DEFAULT_ROOT = "/gcs/YOUR_BUCKET/medjax"
 # Presets with a recipe; `ROOT/BASE` holds the `medjax import-hf` output of each.
 BASES = ("llama2-7b", "llama2-13b", "llama2-70b", "qwen2.5-7b", "llama3.1-8b")
+# Whose tokenizer each base has: a tokenized build serves every base of one tokenizer.
+TOKENIZER_OF = {"llama2-7b": "llama2", "llama2-13b": "llama2", "llama2-70b": "llama2",
+                "qwen2.5-7b": "qwen2.5", "llama3.1-8b": "llama3"}
+
+
+def built(bucket: str, base: str, folder: str = "built") -> str:
+  """`tfds:ROOT/FOLDER/TOKENIZER`: the `medjax data build --tokenizer` output for `base`."""
+  return f"tfds:{bucket}/data/{folder}/{TOKENIZER_OF[base]}"
 
 
 def _common(c, base: str, bucket: str):
@@ -51,9 +59,12 @@ def cpt(base: str, bucket: str = DEFAULT_ROOT):
   """Continued pretraining of `base` (one of BASES) on the medical corpus."""
   c = _common(base_config(), base, bucket)
   c.task = "cpt"
-  c.data.train = f"{bucket}/data/medical_text"  # folder of .txt/.jsonl/.csv, ~1B tokens
-  c.data.replay = f"{bucket}/data/general_text"
-  c.data.replay_weight = 0.1  # some general replay against forgetting (not in the paper)
+  # Tokenized once per tokenizer (`medjax data build medical_text --tokenizer`, README
+  # "Running on Cloud TPU"): each host reads its rows by random access, nothing is tokenized
+  # at start. ~1B tokens of data/medical_text; replay from data/general_text.
+  c.data.train = built(bucket, base)
+  c.data.replay = built(bucket, base, "built_general")
+  c.data.replay_weight = 0.1  # 10% of the trained tokens, against forgetting (not in the paper)
   # Llama 2's context length; Qwen2.5 and Llama 3.1 take longer rows, but the same length
   # keeps the recipes comparable (and Llama 3.1's RoPE scaling only acts beyond 8192).
   c.data.seq_len = 4096
@@ -78,9 +89,10 @@ def sft(base: str, bucket: str = DEFAULT_ROOT):
   c = _common(base_config(), base, bucket)
   c.task = "sft"
   c.init_from = f"{bucket}/runs/{base}-cpt"  # the CPT workdir
-  c.data.train = f"{bucket}/data/cmexam/train.csv"  # CMExam train split, 54,497 questions
+  # CMExam train split (54,497 questions) tokenized once, validation loss on its val split:
+  # `medjax data build cmexam --seq-len 1024 --with-explanation` (rows packed at that length).
+  c.data.train = built(bucket, base)
   c.data.with_explanation = True  # answer letters first, then the explanation
-  c.data.val_fraction = 0.02
   c.data.seq_len = 1024  # prompt + answer + explanation: >99% fit with the Llama 2 tokenizer
   # 64 packed rows per step; ~3 epochs over CMExam train.
   c.batch_size = 64

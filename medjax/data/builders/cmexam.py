@@ -14,15 +14,8 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from medjax.data import cmexam
+from medjax.data.build_tokenized import split_of
 from medjax.errors import DataError
-
-_SPLIT_WORDS = (("train", "train"), ("val", "validation"), ("dev", "validation"),
-                ("test", "test"))
-
-
-def _split_of(path: Path) -> str:
-  name = path.stem.lower()
-  return next((split for word, split in _SPLIT_WORDS if word in name), "validation")
 
 
 class Cmexam(tfds.core.GeneratorBasedBuilder):
@@ -54,7 +47,7 @@ class Cmexam(tfds.core.GeneratorBasedBuilder):
     for f in files:
       qs, problems = cmexam.read_cmexam(f)
       self.problems.extend(problems)
-      by_split.setdefault(_split_of(f), []).extend(qs)
+      by_split.setdefault(split_of(f), []).extend(qs)
     return {split: self._generate_examples(qs) for split, qs in by_split.items()}
 
   def _generate_examples(self, questions):
