@@ -77,7 +77,9 @@ def train_step(state, batch: Batch, *, cfg: LlamaConfig, optimizer, schedule,
   }
   # tokens: loss-bearing; processed: every non-padding token the model ran on (SFT prompts
   # included), which is what throughput and MFU count.
-  processed = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
+  seg = batch.get("segment_ids")  # absent: every slot is a real token
+  processed = (jnp.asarray(batch["inputs"].size, jnp.float32) if seg is None
+               else jnp.sum((seg > 0).astype(jnp.float32)))
   metrics = {"loss": loss, "grad_norm": gnorm, "tokens": count, "processed": processed,
              "lr": schedule(state["step"]), "finite": ok}
   return new_state, metrics
