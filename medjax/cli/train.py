@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medjax.errors import ConfigError
+from medjax.cli import multiprocess
 
 
 def add_args(p):
@@ -11,25 +11,19 @@ def add_args(p):
   p.add_argument("--workdir", required=True,
                  help="run directory (a local path; on TPU VMs the gcsfuse-mounted bucket, "
                       "/gcs/BUCKET/...)")
-  g = p.add_argument_group(
-      "multi-process", "Cloud TPU VMs (and clusters jax detects, e.g. SLURM) need none of "
-      "these: jax finds the other hosts itself. Elsewhere give all three on every host.")
-  g.add_argument("--coordinator", default=None, help="host:port of process 0")
-  g.add_argument("--num-processes", type=int, default=None)
-  g.add_argument("--process-id", type=int, default=None)
+  multiprocess.add_args(p)
   p.epilog = ("Override any config field with --config.FIELD=VALUE, e.g. "
-              "--config.total_steps=100 --config.optim.lr=1e-4")
+              "--config.total_steps=100 --config.optim.lr=1e-4. Every process of a "
+              "multi-process run checks at start that all were given the same config.")
   p.set_defaults(_accepts_rest=True)
 
 
 def run(args):
-  from medjax.parallel import distributed
+  rc = multiprocess.supervise(args, "train")
+  if rc is not None:
+    return rc
   from medjax.training import config as runconfig
   from medjax.training import loop
   c = runconfig.load(args.config, args.rest)
-  explicit = (args.coordinator, args.num_processes, args.process_id)
-  if explicit != (None, None, None):
-    if None in explicit:
-      raise ConfigError("--coordinator, --num-processes and --process-id go together")
-    distributed.initialize(*explicit)
+  multiprocess.join(args)
   loop.main(c, args.workdir)

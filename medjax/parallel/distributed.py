@@ -7,12 +7,14 @@ into one global `jax.Array` sharded over the mesh.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from medjax.errors import ConfigError
 from medjax.parallel import sharding as sharding_lib
 
 # Set on Cloud TPU VMs (by the VM image / GKE); jax's own cluster detection reads them too.
@@ -24,8 +26,16 @@ def _on_cloud_tpu() -> bool:
       os.path.isdir("/dev/vfio") and len(os.listdir("/dev/vfio")) > 1)
 
 
+# Defaults of the distributed runtime's bounds (seconds), jax's own: how long a process waits
+# for all of them to join, and how long a silent peer counts as alive. A peer that dies makes
+# the others exit within about `heartbeat_timeout`; a dead process 0 (the coordinator), at once.
+INIT_TIMEOUT = 300
+HEARTBEAT_TIMEOUT = 100
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+               process_id: int | None = None, init_timeout: int = INIT_TIMEOUT,
+               heartbeat_timeout: int = HEARTBEAT_TIMEOUT) -> bool:
   """Joins this process to the others; call before anything touches a device.
 
   Args:
@@ -33,19 +43,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       Cloud TPU VM (or with JAX_COORDINATOR_ADDRESS set) jax discovers everything itself;
       elsewhere this is one process and nothing happens.
     num_processes, process_id: this process's place, for explicit (non-TPU) clusters.
+    init_timeout: seconds to wait for every process to join (then the runtime stops this
+      process; `parallel.supervisor` turns that into one line).
+    heartbeat_timeout: seconds after which a silent process counts as dead, and the
+      others stop.
   Returns:
     True if jax.distributed was initialized (now or before), False for a lone process.
+  Raises:
+    ConfigError for arguments that cannot describe a cluster.
   """
   global _initialized
   if _initialized or _jax_says_initialized():
     return True
+  check_args(coordinator_address, num_processes, process_id)
+  bounds = _timeouts(init_timeout, heartbeat_timeout)
   explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
   if not explicit:
-    # jax's cluster detection covers Cloud TPU and SLURM (several tasks); else a lone process.
-    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
-    if not (_on_cloud_tpu() or slurm or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    if not wants_cluster():
       return False
-    jax.distributed.initialize()
+    jax.distributed.initialize(**bounds)
     _initialized = True
     return True
   if num_processes == 1:
@@ -57,9 +73,47 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   except AttributeError:
     pass
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id, **bounds)
   _initialized = True
   return True
+
+
+def wants_cluster() -> bool:
+  """True where jax's cluster detection finds several processes without flags: a Cloud TPU
+  VM, a SLURM job of several tasks, or JAX_COORDINATOR_ADDRESS set."""
+  slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+  return _on_cloud_tpu() or slurm or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def check_args(coordinator_address: str | None, num_processes: int | None,
+               process_id: int | None) -> None:
+  """ConfigError, naming the flag and value, unless the three describe a cluster (or are all
+  None, for jax's own detection)."""
+  given = (coordinator_address, num_processes, process_id)
+  if given == (None, None, None):
+    return
+  if None in given:
+    raise ConfigError("--coordinator, --num-processes and --process-id go together "
+                      f"(got {coordinator_address}, {num_processes}, {process_id})")
+  host, _, port = coordinator_address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(f"--coordinator {coordinator_address!r}: expected HOST:PORT")
+  if num_processes < 1:
+    raise ConfigError(f"--num-processes {num_processes}: must be >= 1")
+  if not 0 <= process_id < num_processes:
+    raise ConfigError(f"--process-id {process_id}: must be in [0, {num_processes}) for "
+                      f"--num-processes {num_processes}")
+
+
+def _timeouts(init_timeout: int, heartbeat_timeout: int) -> dict:
+  """The bounds as `jax.distributed.initialize` arguments this jax release accepts."""
+  for name, v in (("--init-timeout", init_timeout), ("--heartbeat-timeout", heartbeat_timeout)):
+    if int(v) < 1:
+      raise ConfigError(f"{name} {v}: must be >= 1 second")
+  params = inspect.signature(jax.distributed.initialize).parameters
+  out = {"initialization_timeout": int(init_timeout),
+         "heartbeat_timeout_seconds": int(heartbeat_timeout)}
+  return {k: v for k, v in out.items() if k in params}
 
 
 _initialized = False  # set by `initialize`; covers jax releases without is_initialized()

@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 
 import jax
 import numpy as np
@@ -24,7 +23,7 @@ from medjax.errors import CheckpointError, ConfigError, DataError
 from medjax.model import config as config_lib
 from medjax.model import llama as model_lib
 from medjax.model import params as params_lib
-from medjax.parallel import distributed, sharding
+from medjax.parallel import agreement, distributed, sharding
 from medjax.training import config as runconfig
 from medjax.training import evals as evals_lib
 from medjax.training import metrics as metrics_lib
@@ -38,33 +37,13 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-class _Preemption:
-  """SIGTERM (TPU preemption, `kill`) sets a flag; the loop checkpoints and exits cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._prev = None
-
-  def __enter__(self):
-    try:
-      self._prev = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. some test runners)
-      self._prev = None
-    return self
-
-  def _handler(self, signum, frame):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._prev is not None:
-      signal.signal(signal.SIGTERM, self._prev)
-
-
 def main(c, workdir: str) -> dict:
   """Runs (or resumes) a training job; returns the last logged metrics."""
   runconfig.validate(c)
   _no_gs("--workdir", workdir)
   distributed.initialize()
+  # Every process must run the same job: refuse (on all of them) before anything is written.
+  agreement.check_same({"config": c.to_dict(), "workdir": os.path.abspath(workdir)})
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
@@ -168,7 +147,8 @@ def main(c, workdir: str) -> dict:
   pending, last = [], {}
   skipped_at_start = int(jax.device_get(state["skipped"]))
   try:
-    with _Preemption() as preempt:
+    # A SIGTERM to any process stops all of them at one agreed step, checkpointed there.
+    with agreement.Preemption() as preempt:
       step = start
       while step < c.total_steps:
         try:
@@ -178,8 +158,9 @@ def main(c, workdir: str) -> dict:
           break
         state, m = train(state, distributed.global_batch(local, mesh, batch_sharding))
         step += 1
+        stop = preempt.reached(step)
         pending.append(m)  # fetched every log_every steps, so the host never waits per step
-        if step % c.log_every == 0 or step == c.total_steps or preempt.requested:
+        if step % c.log_every == 0 or step == c.total_steps or stop:
           fetched = jax.device_get(pending)
           pending = []
           if c.nan_policy == "stop" and not all(bool(f["finite"]) for f in fetched):
@@ -191,15 +172,16 @@ def main(c, workdir: str) -> dict:
           logger.log_eval(step, evals)
           last.update(evals)
           logger.reset_clock()  # tokens/s and MFU measure training, not evaluation
-        if step % c.checkpoint_every == 0 or step == c.total_steps or preempt.requested:
+        if step % c.checkpoint_every == 0 or step == c.total_steps or stop:
           # nan_policy=stop: never checkpoint past a skipped step, even between log steps.
           if c.nan_policy == "stop" and int(jax.device_get(state["skipped"])) > skipped_at_start:
             _stop_nonfinite(step, ckpt)
           ckpt.save(step, saved.select(state), train_it.get_state(),
                     {"step": step, **_floats(last), **evals})
-        if preempt.requested:
+        if stop:
           ckpt.wait()
-          _log(f"SIGTERM: checkpoint at step {step} written; exiting")
+          _log(f"SIGTERM: checkpoint at step {step} written; exiting"
+               + (" (every process stopped at this step)" if preempt.multi else ""))
           break
     ckpt.close()  # waits for the last save: a failed write is raised here
   except BaseException:  # no save left running, no tmp dir left behind, a clean error

@@ -1,0 +1,182 @@
+"""The pod path on CPU: the real `medjax train` as 2 processes x 4 devices.
+
+- It trains as 1 process x 8 devices does (files, replay, in-training evals, async
+  checkpoints, metrics.jsonl and TensorBoard written once, by process 0).
+- A SIGTERM to one process stops both at the same step, checkpointed; a SIGKILL to one
+  makes the other exit non-zero with one line within the heartbeat bound; relaunching both
+  each time ends with the uninterrupted run's losses, bit for bit.
+- Processes given different configs, a coordinator nobody serves, too few processes, a
+  process id out of range: one line, exit 1, nothing written.
+
+Each process runs this file as a script (`_main` below), which runs `medjax` exactly as the
+console script does; MEDJAX_TEST_STEP_SLEEP slows each step down so that a signal lands
+mid-run. All runs share one persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "tiny_cpt.py")
+STEPS = 8
+HEARTBEAT = 5  # seconds: the bound on noticing a dead peer, small for the test
+
+
+def _overrides(data: Path, **kw) -> list[str]:
+  o = {"init_from": "", "model": "tiny", "data.train": str(data / "corpus.txt"),
+       "data.replay": "asset:tinystories_sample.txt", "data.replay_weight": 0.25,
+       "data.seq_len": 64, "batch_size": 8, "total_steps": STEPS, "log_every": 1,
+       "checkpoint_every": 2, "keep_checkpoints": 2, "eval_every": 4, "eval_batches": 2,
+       "eval.text": "asset:tinystories_sample.txt", "eval.text_limit": 4,
+       "eval.cmexam": "asset:cmexam_sample.csv", "eval.cmexam_limit": 4,
+       "optim.warmup_steps": 2, "data.tokenizer": "asset:tinystories-260k/tokenizer.model"}
+  o.update(kw)
+  return [f"--config.{k}={v}" for k, v in o.items()]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(cache: Path, devices: int, sleep: float = 0.0) -> dict:
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+          "MEDJAX_TEST_STEP_SLEEP": str(sleep),
+          "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def launch(workdir: Path, nproc: int, cache: Path, data: Path, extra=(), sleep: float = 0.0,
+           ids=None, num=None, overrides=None) -> list[subprocess.Popen]:
+  """`medjax train` as `nproc` processes (4 devices each; 1 process: 8 devices)."""
+  port = _free_port()
+  procs = []
+  for i in ids if ids is not None else range(nproc):
+    cmd = [sys.executable, __file__, "train", "--config", CONFIG, "--workdir", str(workdir),
+           *(overrides[i] if overrides else _overrides(data))]
+    if nproc > 1:
+      cmd += ["--coordinator", f"localhost:{port}", "--num-processes", str(num or nproc),
+              "--process-id", str(i), "--heartbeat-timeout", str(HEARTBEAT), *extra]
+    procs.append(subprocess.Popen(cmd, env=_env(cache, 8 if nproc == 1 else 4, sleep),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=ROOT))
+  return procs
+
+
+def finish(procs, timeout: float = 400) -> list[tuple[int, str, str]]:
+  out = []
+  deadline = time.time() + timeout
+  for p in procs:
+    try:
+      o, e = p.communicate(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      o, e = p.communicate()
+      raise AssertionError(f"hung: {o[-2000:]}\n{e[-3000:]}")
+    out.append((p.returncode, o, e))
+  return out
+
+
+def records(workdir: Path) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in records(workdir) if "loss" in r}
+
+
+def _wait_for_step(workdir: Path, step: int, procs, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (workdir / "metrics.jsonl").exists() and max(losses(workdir), default=0) >= step:
+      return
+    if any(p.poll() is not None for p in procs):
+      raise AssertionError(f"a process ended early: {finish(procs)}")
+    time.sleep(0.05)
+  raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The reference runs: 2 processes x 4 devices and 1 process x 8 devices, side by side."""
+  root = tmp_path_factory.mktemp("pod")
+  rng = np.random.default_rng(0)
+  words = ["fever", "cough", "heart", "blood", "lung", "pain", "doctor", "the", "a", "is"]
+  (root / "corpus.txt").write_text(
+      "\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(60)))
+  cache = root / "jax_cache"
+  procs = launch(root / "two", 2, cache, root) + launch(root / "one", 1, cache, root)
+  results = finish(procs)
+  for rc, o, e in results:
+    assert rc == 0, o[-2000:] + e[-4000:]
+  return root, cache, results
+
+
+def test_two_processes_train_as_one_with_evals_and_checkpoints(runs):
+  from medjax.checkpoints import manager
+  root, _, results = runs
+  two, one = records(root / "two"), records(root / "one")
+  # Only process 0 writes: every record once, one TensorBoard file, process 1 prints nothing.
+  assert [(r["step"], sorted(r)) for r in two] == [(r["step"], sorted(r)) for r in one]
+  assert [r["step"] for r in two if "loss" in r] == list(range(1, STEPS + 1))
+  assert len(list((root / "two" / "tb").iterdir())) == 1
+  assert "train" not in results[1][1] and "data:" not in results[1][1]
+  assert "data:" in results[0][1]
+  for a, b in zip(two, one):
+    for k in ("loss", "grad_norm", "val_loss", "general_ppl"):
+      if k in a:  # reduction order differs between the topologies: not bit-identical
+        assert abs(a[k] - b[k]) <= 1e-4 * abs(b[k]), (k, a, b)
+    if "cmexam_acc" in a:
+      assert a["cmexam_acc"] == b["cmexam_acc"]
+  evals = [r for r in two if "val_loss" in r]
+  assert [r["step"] for r in evals] == [4, 8]
+  assert all("cmexam_acc" in r and "general_ppl" in r for r in evals)
+  # Async checkpoints, each process writing its shards; the last restores to the same state.
+  steps = sorted(os.listdir(root / "two" / "checkpoints"))
+  assert steps == sorted(os.listdir(root / "one" / "checkpoints")) and "8" in steps
+  s2, m2 = manager.read_step(str(root / "two" / "checkpoints" / "8"))
+  s1, m1 = manager.read_step(str(root / "one" / "checkpoints" / "8"))
+  import jax
+  flat2, flat1 = jax.tree_util.tree_leaves_with_path(s2), jax.tree_util.tree_leaves_with_path(s1)
+  assert [p for p, _ in flat2] == [p for p, _ in flat1] and len(flat2) > 20
+  for (path, a), (_, b) in zip(flat2, flat1):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                               rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert int(s2["step"]) == 8 and m2["step"] == m1["step"] == 8
+
+
+def _main():
+  """One process of a test job: `medjax ARGS`, each training step slowed by
+  MEDJAX_TEST_STEP_SLEEP seconds so that a signal can land mid-run."""
+  delay = float(os.environ.get("MEDJAX_TEST_STEP_SLEEP", "0") or 0)
+  if delay:
+    from medjax.parallel import distributed
+    real = distributed.global_batch
+
+    def slow(*a, **kw):
+      time.sleep(delay)
+      return real(*a, **kw)
+
+    distributed.global_batch = slow
+  from medjax.cli.main import main
+  sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+  _main()
