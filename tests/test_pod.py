@@ -113,14 +113,20 @@ def _wait_for_step(workdir: Path, step: int, procs, timeout: float = 300) -> Non
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """The reference runs: 2 processes x 4 devices and 1 process x 8 devices, side by side."""
+def pod_dir(tmp_path_factory):
+  """A corpus and the shared compilation cache."""
   root = tmp_path_factory.mktemp("pod")
   rng = np.random.default_rng(0)
   words = ["fever", "cough", "heart", "blood", "lung", "pain", "doctor", "the", "a", "is"]
   (root / "corpus.txt").write_text(
       "\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(60)))
-  cache = root / "jax_cache"
+  return root, root / "jax_cache"
+
+
+@pytest.fixture(scope="module")
+def runs(pod_dir):
+  """The reference runs: 2 processes x 4 devices and 1 process x 8 devices, side by side."""
+  root, cache = pod_dir
   procs = launch(root / "two", 2, cache, root) + launch(root / "one", 1, cache, root)
   results = finish(procs)
   for rc, o, e in results:
@@ -159,6 +165,80 @@ def test_two_processes_train_as_one_with_evals_and_checkpoints(runs):
     np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
   assert int(s2["step"]) == 8 and m2["step"] == m1["step"] == 8
+
+
+def test_sigterm_to_one_process_stops_both_and_a_killed_peer_stops_the_other(runs, tmp_path):
+  """SIGTERM to process 1: both checkpoint the same step and exit 0. Relaunched, then
+  SIGKILL to process 1: process 0 exits 1 with one line within the heartbeat bound.
+  Relaunched again: the uninterrupted 2-process run's losses, bit for bit."""
+  root, cache, _ = runs
+  w = tmp_path / "w"
+  procs = launch(w, 2, cache, root, sleep=0.5)
+  _wait_for_step(w, 2, procs)
+  procs[1].send_signal(signal.SIGTERM)
+  res = finish(procs, 200)
+  stopped = max(losses(w))
+  assert 2 <= stopped < STEPS
+  for i, (rc, out, err) in enumerate(res):
+    assert rc == 0, err[-3000:]
+    assert f"process {i}: SIGTERM: checkpoint at step {stopped} written" in out, out
+  assert max(int(s) for s in os.listdir(w / "checkpoints") if s.isdigit()) == stopped
+
+  procs = launch(w, 2, cache, root, sleep=0.5)
+  _wait_for_step(w, stopped + 1, procs)
+  t = time.time()
+  procs[1].kill()  # the supervisor: its worker dies with it
+  (rc, out, err), _ = finish(procs, 200)
+  waited = time.time() - t
+  last = err.strip().splitlines()[-1]
+  # Seen first either by a collective (gloo: the peer's socket closed) or by the heartbeat.
+  assert rc == 1 and last.startswith("medjax train: error: another process of the job "
+                                     "stopped ("), err
+  assert last.endswith("Rerun every process to resume from the last checkpoint"), last
+  assert "Traceback" not in err and "@ 0x" not in err and "Check failure" not in err
+  assert waited < HEARTBEAT + 30, waited  # the bound, plus this loaded machine's slack
+
+  res = finish(launch(w, 2, cache, root))
+  assert all(rc == 0 for rc, _, _ in res), res[0][2][-3000:]
+  assert f"resumed from {w / 'checkpoints'}/" in res[0][1]
+  assert losses(w) == losses(root / "two")  # bit for bit, every step once
+
+
+BAD = {
+    # name: (launch kwargs, the start of every process's error line)
+    "config differs": (dict(lr=[None, "0.002"]), "config differs between processes: "
+                       "config.optim.lr is 0.003 on process 0 and 0.002 on process 1"),
+    "no coordinator": (dict(ids=[1], extra=["--init-timeout", "3"]),
+                       "the job did not form within --init-timeout 3 s"),
+    "too few processes": (dict(num=3, extra=["--init-timeout", "3"]),
+                          "the job did not form within --init-timeout 3 s"),
+    "process id out of range": (dict(ids=[2]), "--process-id 2: must be in [0, 2)"),
+    "mesh does not divide": (dict(mesh="3"),
+                             "mesh {'data': 1, 'fsdp': 3, 'tensor': 1} does not divide the 8"),
+}
+
+
+def test_bad_multiprocess_input_is_one_line(pod_dir, tmp_path):
+  """Each case as its processes would be started on a pod, all cases at once: one line on
+  every process, exit 1, within a bounded time, and no workdir."""
+  root, cache = pod_dir
+  t = time.time()
+  jobs = {}
+  for name, (kw, _) in BAD.items():
+    kw = dict(kw)
+    lr, mesh = kw.pop("lr", [None, None]), kw.pop("mesh", None)
+    base = _overrides(root) + ([f"--config.mesh.fsdp={mesh}"] if mesh else [])
+    kw["overrides"] = {i: base + ([f"--config.optim.lr={lr[i]}"] if i < 2 and lr[i] else [])
+                       for i in range(3)}
+    w = tmp_path / name.replace(" ", "_")
+    jobs[name] = (w, launch(w, 2, cache, root, **kw))
+  for name, (w, procs) in jobs.items():
+    for rc, out, err in finish(procs, 120):
+      last = err.strip().splitlines()[-1] if err.strip() else ""
+      assert rc == 1 and last.startswith(f"medjax train: error: {BAD[name][1]}"), (name, err)
+      assert "Traceback" not in err and "@ 0x" not in err, (name, err)
+    assert not w.exists(), name  # nothing written
+  assert time.time() - t < 120
 
 
 def _main():

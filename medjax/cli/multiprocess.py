@@ -4,6 +4,8 @@ fatal errors into one line."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 HELP = ("Cloud TPU VMs (and clusters jax detects, e.g. SLURM) need none of these: jax finds "
@@ -13,7 +15,7 @@ HELP = ("Cloud TPU VMs (and clusters jax detects, e.g. SLURM) need none of these
 
 
 def add_args(p) -> None:
-  from medjax.parallel.distributed import HEARTBEAT_TIMEOUT, INIT_TIMEOUT
+  from medjax.parallel.cluster import HEARTBEAT_TIMEOUT, INIT_TIMEOUT
   g = p.add_argument_group("multi-process", HELP)
   g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                  help="address of process 0 (it listens on that port)")
@@ -30,10 +32,10 @@ def supervise(args, command: str) -> int | None:
   """Runs this command line again as a supervised worker when this is one process of
   several; returns its exit status. None: go on in this process (a lone process, or the
   worker itself)."""
-  from medjax.parallel import distributed, supervisor
-  distributed.check_args(args.coordinator, args.num_processes, args.process_id)
+  from medjax.parallel import cluster, supervisor
+  cluster.check_args(args.coordinator, args.num_processes, args.process_id)
   several = (args.num_processes or 0) > 1 or (args.coordinator is None and
-                                               distributed.wants_cluster())
+                                               cluster.wants_cluster())
   if not several or supervisor.is_worker():
     return None
   facts = {"coordinator": args.coordinator, "num_processes": args.num_processes,
@@ -46,3 +48,29 @@ def join(args) -> bool:
   from medjax.parallel import distributed
   return distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                 args.init_timeout, args.heartbeat_timeout)
+
+
+# What a failed collective says when a peer process died (gloo on CPU, the coordination
+# service everywhere).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "heartbeat timeout",
+              "CoordinationServiceError", "Barrier failed", "Gloo")
+
+
+@contextlib.contextmanager
+def peers_lost(command: str):
+  """Around a job's work: when a collective fails because another process died, say so in
+  one line and leave at once (jax's orderly shutdown would wait for the dead process)."""
+  try:
+    yield
+  except Exception as e:  # jax's runtime error type has moved between releases
+    import jax
+    text = str(e)
+    if jax.process_count() == 1 or not any(k in text for k in _PEER_GONE):
+      raise
+    first = " ".join(text.split("\n", 1)[0].split())[:200]
+    print(f"medjax {command}: error: another process of the job stopped ({first}); stopping "
+          "this one too. Rerun every process to resume from the last checkpoint",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

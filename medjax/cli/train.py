@@ -26,4 +26,5 @@ def run(args):
   from medjax.training import loop
   c = runconfig.load(args.config, args.rest)
   multiprocess.join(args)
-  loop.main(c, args.workdir)
+  with multiprocess.peers_lost("train"):
+    loop.main(c, args.workdir)

@@ -94,13 +94,15 @@ def explain(fatal: list[str], facts: dict) -> str:
     facts: coordinator, num_processes, init_timeout, heartbeat_timeout (for the message).
   """
   text = "\n".join(fatal)
-  if "stopped sending heartbeats" in text or "unhealthy" in text:
+  if "heartbeat" in text or "unhealthy" in text:
     after = text.split("heartbeats", 1)[-1]
-    tasks = sorted({int(t) for t in re.findall(r"(?:task:|^)(\d+)\s*$", after, re.M)})
+    tasks = {int(t) for t in re.findall(r"(?:task:|^)(\d+)\s*$", after, re.M)}
+    tasks |= {int(t) for t in re.findall(r"[Tt]ask:? ?(\d+) heartbeat timeout", text)}
+    tasks = sorted(tasks)
     who = ("process " + ", ".join(map(str, tasks))) if tasks else "a process"
-    return (f"{who} stopped sending heartbeats for --heartbeat-timeout "
-            f"{facts.get('heartbeat_timeout')} s (it died or hangs); stopping this one too. "
-            "Rerun every process to resume from the last checkpoint")
+    return (f"another process of the job stopped ({who} sent no heartbeat for "
+            f"--heartbeat-timeout {facts.get('heartbeat_timeout')} s: it died or hangs); "
+            "stopping this one too. Rerun every process to resume from the last checkpoint")
   if "RegisterTask" in text or ("DEADLINE_EXCEEDED" in text and "connect" in text.lower()):
     return (f"the job did not form within --init-timeout {facts.get('init_timeout')} s: no "
             f"coordinator answered at --coordinator {facts.get('coordinator')}, or fewer than "

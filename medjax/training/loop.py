@@ -180,8 +180,11 @@ def main(c, workdir: str) -> dict:
                     {"step": step, **_floats(last), **evals})
         if stop:
           ckpt.wait()
-          _log(f"SIGTERM: checkpoint at step {step} written; exiting"
-               + (" (every process stopped at this step)" if preempt.multi else ""))
+          if preempt.multi:  # each host's log says where it stopped: all at the same step
+            print(f"process {jax.process_index()}: SIGTERM: checkpoint at step {step} written "
+                  "(every process stopped there); exiting", flush=True)
+          else:
+            _log(f"SIGTERM: checkpoint at step {step} written; exiting")
           break
     ckpt.close()  # waits for the last save: a failed write is raised here
   except BaseException:  # no save left running, no tmp dir left behind, a clean error
