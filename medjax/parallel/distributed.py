@@ -8,7 +8,6 @@ into one global `jax.Array` sharded over the mesh.
 from __future__ import annotations
 
 import inspect
-import os
 
 import jax
 import numpy as np
