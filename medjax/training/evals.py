@@ -9,8 +9,9 @@ from medjax.data.from_config import paths, split_questions
 from medjax.evaluation import exam, scoring
 
 
-def extra_evals(c, cfg, params, tokenizer) -> dict:
-  """CMExam accuracy on a small subset and general-text perplexity, when configured."""
+def extra_evals(c, cfg, params, tokenizer, placement=None) -> dict:
+  """CMExam accuracy on a small subset and general-text perplexity, when configured;
+  `placement`: the training mesh the params live on (every process computes the same)."""
   out = {}
   e = c.get("eval")
   if not e:
@@ -21,12 +22,12 @@ def extra_evals(c, cfg, params, tokenizer) -> dict:
     if c.task == "sft" and path in paths(c.data.train):
       qs = split_questions(qs, c.data.val_fraction, c.seed)[1]  # never score trained questions
     r = exam.evaluate_cmexam(cfg, params, tokenizer, qs[: e.cmexam_limit], method="loglik",
-                             progress=False)
+                             progress=False, placement=placement)
     out["cmexam_acc"] = r["accuracy"]
   if e.get("text"):
     texts = corpus.read_texts(resolve(e.text))[: e.text_limit]
     r = scoring.perplexity(cfg, params, tokenizer, texts, max_len=c.data.seq_len,
-                           progress=False)
+                           progress=False, placement=placement)
     out["general_ppl"] = r["perplexity"]
   return out
 

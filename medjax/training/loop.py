@@ -24,6 +24,7 @@ from medjax.model import config as config_lib
 from medjax.model import llama as model_lib
 from medjax.model import params as params_lib
 from medjax.parallel import agreement, distributed, sharding
+from medjax.parallel.placement import Placement
 from medjax.training import config as runconfig
 from medjax.training import evals as evals_lib
 from medjax.training import metrics as metrics_lib
@@ -139,7 +140,7 @@ def main(c, workdir: str) -> dict:
       if cnt:
         out["val_loss"] = tot / cnt
         out["val_ppl"] = float(np.exp(out["val_loss"]))
-    out.update(evals_lib.extra_evals(c, cfg, params, tokenizer))
+    out.update(evals_lib.extra_evals(c, cfg, params, tokenizer, Placement(mesh, rules)))
     return out
 
   # ---------------------------------------------------------------- loop

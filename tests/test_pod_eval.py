@@ -1,0 +1,152 @@
+"""Sharded evaluation and generation equal one device's: `medjax eval` (CMExam loglik,
+perplexity), `medjax generate` and `medjax.load(..., mesh=...)` on 8 CPU devices (mesh
+2,2,2) and as 2 processes x 4 devices (default mesh: every device on fsdp), against the same
+commands on the pytest process's single device.
+
+Each sharded run is this file as a script (`_worker`), running the commands in turn inside
+one process, as `medjax` runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medjax.assets import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Once upon a time, there was a"
+TOKENS = [[1, 415, 250, 263, 93, 298, 27], [1, 90, 251, 263, 31, 7, 8]]
+
+
+def commands(out: Path, extra=()) -> list[list[str]]:
+  ckpt = resolve("asset:tinystories-260k")
+  return [
+      ["eval", "--checkpoint", ckpt, "--cmexam", resolve("asset:cmexam_sample.csv"),
+       "--limit", "24", "--batch-size", "8", "--out", str(out / "cmexam.json"), *extra],
+      ["eval", "--checkpoint", ckpt, "--text", resolve("asset:tinystories_sample.txt"),
+       "--limit", "8", "--batch-size", "4", "--max-len", "64", "--out",
+       str(out / "text.json"), *extra],
+      ["generate", "--checkpoint", ckpt, "--prompt", PROMPT, "--prompt", "The dog",
+       "--max-new-tokens", "12", *extra],
+  ]
+
+
+def _logits(mesh_shape=None) -> np.ndarray:
+  import medjax
+  from medjax.parallel import placement, sharding
+  mesh = None if mesh_shape is None else sharding.make_mesh(*mesh_shape)
+  m = medjax.load(resolve("asset:tinystories-260k"), mesh=mesh)
+  return placement.fetch(m(np.array(TOKENS, np.int32))), m
+
+
+def _worker(out: str, mesh: str, *cluster: str) -> None:
+  from medjax.cli.main import main
+  out_dir = Path(out)
+  extra = ["--mesh", mesh]
+  if cluster:
+    extra += ["--coordinator", cluster[0], "--num-processes", "2", "--process-id", cluster[1]]
+  for cmd in commands(out_dir, extra):
+    print(f"=== {cmd[0]}", flush=True)
+    assert main(cmd) == 0
+  import jax
+  logits, m = _logits(tuple(int(x) for x in mesh.split(",")))
+  spec = str(m.params["embedding"].sharding.spec)
+  if jax.process_index() == 0:
+    np.save(out_dir / "logits.npy", logits)
+  print("=== facts", json.dumps({"devices": jax.device_count(), "processes":
+                                 jax.process_count(), "embedding_spec": spec}), flush=True)
+
+
+def _spawn(out: Path, mesh: str, devices: int, cluster=()):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "MEDJAX_WORKER": "1",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+  return subprocess.Popen([sys.executable, __file__, str(out), mesh, *cluster], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _done(p) -> str:
+  try:
+    out, err = p.communicate(timeout=400)
+  except subprocess.TimeoutExpired:
+    p.kill()
+    out, err = p.communicate()
+  assert p.returncode == 0, out[-2000:] + err[-4000:]
+  return out
+
+
+def _section(stdout: str, name: str) -> str:
+  """What the first command called `name` printed (between its marker and the next)."""
+  lines = [ln for ln in stdout.splitlines() if not ln.startswith("[Gloo]")]  # gloo's notes
+  start = lines.index(f"=== {name}") + 1
+  end = next((i for i in range(start, len(lines)) if lines[i].startswith("=== ")), len(lines))
+  return "\n".join(lines[start:end])
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+  """Mesh 2,2,2 on 8 devices, and 2 processes x 4 devices, run side by side."""
+  root = tmp_path_factory.mktemp("pod_eval")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  for d in ("eight", "two"):
+    (root / d).mkdir()
+  procs = [_spawn(root / "eight", "2,2,2", 8)] + [
+      _spawn(root / "two", "1,-1,1", 4, (f"localhost:{port}", str(i))) for i in range(2)]
+  return root, [_done(p) for p in procs]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+  """The same commands on this process's one device."""
+  import contextlib
+  import io
+  from medjax.cli.main import main
+  out = tmp_path_factory.mktemp("one")
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    for cmd in commands(out):
+      print(f"=== {cmd[0]}")
+      assert main(cmd) == 0
+  return out, buf.getvalue(), _logits()[0]
+
+
+@pytest.mark.parametrize("where", ["eight", "two"])
+def test_sharded_eval_and_generate_equal_one_device(sharded, single, where):
+  root, stdouts = sharded
+  one, one_stdout, one_logits = single
+  got = root / where
+  a, b = (json.loads((d / "cmexam.json").read_text()) for d in (one, got))
+  assert b["n"] == 24 and [p["predicted"] for p in b["predictions"]] == [
+      p["predicted"] for p in a["predictions"]]
+  assert b["accuracy"] == a["accuracy"]
+  a, b = (json.loads((d / "text.json").read_text()) for d in (one, got))
+  assert b["tokens"] == a["tokens"] > 100
+  assert abs(b["perplexity"] - a["perplexity"]) <= 1e-5 * a["perplexity"]
+  out = stdouts[0] if where == "eight" else stdouts[1]
+  assert _section(out, "generate") == _section(one_stdout, "generate")
+  assert PROMPT in _section(out, "generate")
+  np.testing.assert_allclose(np.load(got / "logits.npy"), one_logits, rtol=1e-5, atol=1e-5)
+  facts = json.loads(out.rsplit("=== facts ", 1)[1])
+  assert facts["devices"] == 8 and facts["processes"] == (1 if where == "eight" else 2)
+  assert facts["embedding_spec"] != "PartitionSpec()"  # the params really are sharded
+
+
+def test_only_process_zero_prints_and_writes(sharded):
+  _, stdouts = sharded
+  p0, p1 = stdouts[1], stdouts[2]
+  assert "| all (loglik) | 24 |" in _section(p0, "eval") and PROMPT in _section(p0, "generate")
+  assert _section(p1, "eval").strip() == "" and _section(p1, "generate").strip() == ""
+
+
+if __name__ == "__main__":
+  _worker(*sys.argv[1:])
