@@ -9,6 +9,7 @@ one process, as `medjax` runs them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -146,6 +147,32 @@ def test_only_process_zero_prints_and_writes(sharded):
   p0, p1 = stdouts[1], stdouts[2]
   assert "| all (loglik) | 24 |" in _section(p0, "eval") and PROMPT in _section(p0, "generate")
   assert _section(p1, "eval").strip() == "" and _section(p1, "generate").strip() == ""
+
+
+def test_fit_job_eval_cpu_estimate(capsys):
+  """`medjax fit --job eval|generate` compiles those programs as eval/generate jit them; on
+  this process's one CPU device (the TPU check itself is in test_fit_job_eval_on_tpu)."""
+  from medjax.cli.main import main
+  for job in ("eval", "generate"):
+    rc = main(["fit", "--job", job, "--model", "tiny", "--topology", "v5p:1x1x1", "--cpu",
+               "--seq-len", "64", "--batch-per-device", "2", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"medjax fit --job {job}: v5p:1x1x1" in out and "FITS" in out, out
+    assert "CPU ESTIMATE" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_fit_job_eval_on_tpu():
+  """70B-wide layers (2 of them, 2.2B params in f32: 8.3 GiB) scored on v5e:2x2: the params
+  are split 4 ways, a quarter per chip, well inside 16 GiB."""
+  from medjax.evaluation.fit import eval_fit_report, format_eval_report
+  from medjax.model import config
+  cfg = config.preset("llama2-70b", num_hidden_layers=2, scan_layers=True, dtype="bfloat16")
+  r = eval_fit_report(cfg, "v5e:2x2", 256, 4, (1, 4, 1), job="eval")
+  assert r["note"] == "" and r["fits"] and r["mesh"]["fsdp"] == 4
+  assert r["params_per_chip"] == pytest.approx(4 * cfg.num_params() / 4, rel=0.01)
+  assert r["total"] < 2 * r["params_per_chip"]
+  assert "FITS" in format_eval_report(r)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ _generate_ids = jax.jit(_generate_ids_fn, static_argnames=_STATIC)
 
 
 @functools.lru_cache(maxsize=None)
-def _generate_ids_on(placement):
+def jitted_generator(placement):
   """`_generate_ids` jitted for a mesh (prompt rows split over its batch axes)."""
   return placement.jit(_generate_ids_fn, static_argnames=_STATIC)
 
@@ -176,7 +176,7 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new
   else:
     args = [*map(placement.rows, (tokens, seg, pos, lengths)),
             *map(placement.replicated, scalars)]
-    out, n_valid = _generate_ids_on(placement)(cfg, params, *args, **static)
+    out, n_valid = jitted_generator(placement)(cfg, params, *args, **static)
     out, n_valid = placement_lib.fetch(out), placement_lib.fetch(n_valid)
   return [out[i, : n_valid[i]].tolist() for i in range(len(prompts))]
 

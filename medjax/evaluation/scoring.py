@@ -63,7 +63,7 @@ _score_batch_jit = jax.jit(_score_batch, static_argnames=("cfg",))
 
 
 @functools.lru_cache(maxsize=None)
-def _score_batch_on(placement):
+def jitted_scorer(placement):
   """`_score_batch` jitted for a mesh (rows split over its batch axes, results replicated)."""
   return placement.jit(_score_batch, static_argnames=("cfg",))
 
@@ -74,7 +74,7 @@ def _run_scores(cfg, params, arrays, placement):
     # Explicit transfers: training runs with jax_transfer_guard="disallow".
     lp, nxt = _score_batch_jit(cfg, params, *jax.device_put(arrays))
     return jax.device_get((lp, nxt))
-  lp, nxt = _score_batch_on(placement)(cfg, params, *map(placement.rows, arrays))
+  lp, nxt = jitted_scorer(placement)(cfg, params, *map(placement.rows, arrays))
   return placement_lib.fetch(lp), placement_lib.fetch(nxt)
 
 

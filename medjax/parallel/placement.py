@@ -30,20 +30,27 @@ class Placement:
   mesh: Mesh
   rules: tuple = sharding.DEFAULT_RULES
 
+  def row_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+    """Rows [B, ...] split over the `batch` rule's axes (replicated over those that do not
+    divide B)."""
+    spec = sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1), self.rules,
+                                    self.mesh, shape)
+    return NamedSharding(self.mesh, spec)
+
+  @property
+  def everywhere(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
   def rows(self, x: np.ndarray) -> jax.Array:
-    """A host array [B, ...] as a global array split on rows over the `batch` rule's axes
-    (replicated over those that do not divide B). Every process passes the same array."""
+    """A host array [B, ...] as a global array laid out by `row_sharding`. Every process
+    passes the same array and supplies its own devices' slices."""
     x = np.asarray(x)
-    spec = sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), self.rules,
-                                    self.mesh, x.shape)
-    sh = NamedSharding(self.mesh, spec)
-    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+    return jax.make_array_from_callback(x.shape, self.row_sharding(x.shape), lambda i: x[i])
 
   def replicated(self, x) -> jax.Array:
     """A host value, the same on every device."""
     x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P()),
-                                        lambda idx: x[idx])
+    return jax.make_array_from_callback(x.shape, self.everywhere, lambda i: x[i])
 
   def jit(self, fn: Callable, **jit_kw) -> Callable:
     """`fn` jitted for this mesh: traced with the rules active (the model's activation
@@ -53,7 +60,7 @@ class Placement:
       with sharding.activate(self.mesh, self.rules):
         return fn(*args, **kw)
 
-    return jax.jit(traced, out_shardings=NamedSharding(self.mesh, P()), **jit_kw)
+    return jax.jit(traced, out_shardings=self.everywhere, **jit_kw)
 
 
 def fetch(x) -> np.ndarray:
