@@ -40,11 +40,11 @@ def commands(out: Path, extra=()) -> list[list[str]]:
   ]
 
 
-def _logits(mesh_shape=None) -> np.ndarray:
+def _logits(mesh_shape=None, path=None) -> np.ndarray:
   import medjax
   from medjax.parallel import placement, sharding
   mesh = None if mesh_shape is None else sharding.make_mesh(*mesh_shape)
-  m = medjax.load(resolve("asset:tinystories-260k"), mesh=mesh)
+  m = medjax.load(path or resolve("asset:tinystories-260k"), mesh=mesh)
   return placement.fetch(m(np.array(TOKENS, np.int32))), m
 
 
@@ -58,12 +58,17 @@ def _worker(out: str, mesh: str, *cluster: str) -> None:
     print(f"=== {cmd[0]}", flush=True)
     assert main(cmd) == 0
   import jax
-  logits, m = _logits(tuple(int(x) for x in mesh.split(",")))
+  shape = tuple(int(x) for x in mesh.split(","))
+  logits, m = _logits(shape)
+  # An import-hf dir stores per-layer arrays; the scanned model stacks them on the mesh.
+  stacked, m2 = _logits(shape, str(out_dir.parent / "imported"))
   spec = str(m.params["embedding"].sharding.spec)
   if jax.process_index() == 0:
     np.save(out_dir / "logits.npy", logits)
-  print("=== facts", json.dumps({"devices": jax.device_count(), "processes":
-                                 jax.process_count(), "embedding_spec": spec}), flush=True)
+    np.save(out_dir / "logits_imported.npy", stacked)
+  print("=== facts", json.dumps({
+      "devices": jax.device_count(), "processes": jax.process_count(), "embedding_spec": spec,
+      "stacked_spec": str(m2.params["layers"]["mlp"]["gate"]["w"].sharding.spec)}), flush=True)
 
 
 def _spawn(out: Path, mesh: str, devices: int, cluster=()):
@@ -101,6 +106,8 @@ def sharded(tmp_path_factory):
     port = s.getsockname()[1]
   for d in ("eight", "two"):
     (root / d).mkdir()
+  from medjax.cli.main import main
+  assert main(["import-hf", resolve("asset:tinystories-260k"), str(root / "imported")]) == 0
   procs = [_spawn(root / "eight", "2,2,2", 8)] + [
       _spawn(root / "two", "1,-1,1", 4, (f"localhost:{port}", str(i))) for i in range(2)]
   return root, [_done(p) for p in procs]
@@ -137,9 +144,12 @@ def test_sharded_eval_and_generate_equal_one_device(sharded, single, where):
   assert _section(out, "generate") == _section(one_stdout, "generate")
   assert PROMPT in _section(out, "generate")
   np.testing.assert_allclose(np.load(got / "logits.npy"), one_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.load(got / "logits_imported.npy"), one_logits, rtol=1e-5,
+                             atol=1e-5)
   facts = json.loads(out.rsplit("=== facts ", 1)[1])
   assert facts["devices"] == 8 and facts["processes"] == (1 if where == "eight" else 2)
-  assert facts["embedding_spec"] != "PartitionSpec()"  # the params really are sharded
+  assert "fsdp" in facts["embedding_spec"]  # the params really are sharded
+  assert facts["stacked_spec"].startswith("P(None, 'fsdp'")  # [layers, embed, mlp]
 
 
 def test_only_process_zero_prints_and_writes(sharded):
