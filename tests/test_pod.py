@@ -167,6 +167,58 @@ def test_two_processes_train_as_one_with_evals_and_checkpoints(runs):
   assert int(s2["step"]) == 8 and m2["step"] == m1["step"] == 8
 
 
+def test_export_streams_from_a_two_process_workdir(runs, tmp_path):
+  """export-hf reads the 2-process run's newest checkpoint tensor by tensor (one layer at a
+  time, each stored in chunks of its own) and writes exactly what it holds; a damaged
+  newest checkpoint is named, and the one before is exported."""
+  import shutil
+  from safetensors.numpy import load_file
+  from medjax.checkpoints import hf_export, manager, reader
+  root, _, _ = runs
+  state, _ = manager.read_step(str(root / "two" / "checkpoints" / "8"))
+  arrays = reader.ArrayReader(str(root / "two" / "checkpoints" / "8" / "state"), ("params",))
+  chunk = arrays._array("layers/mlp/gate/w").chunk_layout.read_chunk.shape
+  assert chunk[0] == 1  # one layer per chunk
+  hf_export.export_hf(str(root / "two"), str(tmp_path / "hf"), log=lambda m: None)
+  got = load_file(str(tmp_path / "hf" / "model.safetensors"))
+  p = state["params"]
+  n = p["layers"]["mlp"]["gate"]["w"].shape[0]
+  for i in range(n):
+    np.testing.assert_array_equal(got[f"model.layers.{i}.mlp.gate_proj.weight"],
+                                  np.asarray(p["layers"]["mlp"]["gate"]["w"][i]).T)
+  np.testing.assert_array_equal(got["model.embed_tokens.weight"], np.asarray(p["embedding"]))
+  w = tmp_path / "damaged"
+  shutil.copytree(root / "two", w)
+  for d in (w / "checkpoints" / "8" / "state").rglob("d"):  # its array data is gone
+    shutil.rmtree(d)
+  logs = []
+  hf_export.export_hf(str(w), str(tmp_path / "hf6"), log=logs.append)
+  assert any(str(w / "checkpoints" / "8") in m and "previous checkpoint" in m for m in logs)
+  prev, _ = manager.read_step(str(root / "two" / "checkpoints" / "6"))
+  got = load_file(str(tmp_path / "hf6" / "model.safetensors"))
+  np.testing.assert_array_equal(got["model.embed_tokens.weight"],
+                                np.asarray(prev["params"]["embedding"]))
+
+
+def test_streamed_fingerprint_equals_the_checkpointed_one():
+  """export-hf checks a workdir against its fingerprints one layer at a time: the sums over
+  slices equal manager.fingerprint's over the whole array, for each dtype it stores."""
+  import jax.numpy as jnp
+  from medjax.checkpoints import manager, reader
+  rng = np.random.default_rng(0)
+  for dtype in (np.float32, jnp.bfloat16, np.int32):
+    x = (rng.standard_normal((5, 33, 7)) * 100).astype(dtype)
+    fp = reader.Fingerprint()
+    for i in range(5):
+      fp.add(x[i])
+    assert fp.value == int(manager.fingerprint([jnp.asarray(x)])[0])
+    y = x.copy()
+    y[3, 2, 1] = y[3, 1, 2]  # one moved value
+    fp2 = reader.Fingerprint()
+    fp2.add(y)
+    assert fp2.value != fp.value
+
+
 def test_sigterm_to_one_process_stops_both_and_a_killed_peer_stops_the_other(runs, tmp_path):
   """SIGTERM to process 1: both checkpoint the same step and exit 0. Relaunched, then
   SIGKILL to process 1: process 0 exits 1 with one line within the heartbeat bound.

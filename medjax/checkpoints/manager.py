@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -93,6 +94,21 @@ def _host_fingerprint(tree) -> list[int]:
   return [int(v) for v in jax.device_get(fingerprint(tree))]
 
 
+def stacked_save_args(state):
+  """Orbax save args that store each layer of a layer-stacked array (`layers/...` params
+  and their optimizer moments) in chunks of its own, so one layer reads back without
+  decoding the others (`reader.ArrayReader`: export-hf streams layer by layer)."""
+  def args(path, x):
+    stacked = any(getattr(k, "key", None) == "layers" for k in path) and x.ndim >= 2
+    if not stacked:
+      return ocp.SaveArgs()
+    shard = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") else x.shape
+    layer_bytes = math.prod(shard[1:]) * x.dtype.itemsize
+    return ocp.SaveArgs(chunk_byte_size=max(layer_bytes, 1), shard_axes=(0,))
+
+  return jax.tree_util.tree_map_with_path(args, state)
+
+
 class SavedState:
   """What a checkpoint holds of the train state.
 
@@ -167,7 +183,7 @@ class Checkpointer:
     meta = {**meta, "fingerprint": _host_fingerprint(state)}
     try:
       self._mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
+          state=ocp.args.StandardSave(state, save_args=stacked_save_args(state)),
           data=ocp.args.JsonSave(data_state if data_state is not None else {}),
           meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:  # a synchronous part failed (e.g. mkdir on a full disk)
