@@ -8,6 +8,7 @@
   medjax bench attention                           # fwd+bwd of each attention implementation
   medjax bench data                                # packed CPT pipeline tokens/s
   medjax bench import                              # HF -> medjax of a ~1 GB model: time, RSS
+  medjax bench export                              # import + export at 70B width, 1 vs 3 layers
   medjax bench safetensors                         # medjax's reader vs the safetensors package
   medjax bench fit                                 # `medjax fit` on the paper's TPU slices
   medjax bench scaling                             # tokens/s vs sequence length and width
@@ -34,7 +35,8 @@ from medjax.bench.attention import attention_lines, bench_attention
 from medjax.bench.common import RESULTS, record
 from medjax.bench.fit_table import bench_fit, fit_lines
 from medjax.bench.generate import bench_generate, generate_lines
-from medjax.bench.hf_import import IMPORT_SHAPES, bench_import, import_lines
+from medjax.bench.hf_import import (IMPORT_SHAPES, bench_export, bench_import,
+                                    export_lines, import_lines)
 from medjax.bench.models import SHAPES, make_shape
 from medjax.bench.safetensors_read import bench_safetensors, safetensors_lines
 from medjax.bench.scaling import bench_scaling, scaling_lines
@@ -100,6 +102,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   i.add_argument("--shard-mb", type=float, default=768,
                  help="HF shard size (default: as Llama-2-7b-hf, largest shard ~3/4 model)")
   i.add_argument("--tmp", help="where to write the synthetic checkpoint (default $TMPDIR)")
+  i.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="dtype of the synthetic HF files")
+
+  e = sub.add_parser("export", help="import-hf + export-hf at Llama-2-70B width, 1 vs 3 layers: "
+                     "peak RSS must not grow with depth")
+  common(e, shape=None)
+  e.add_argument("--sizes", default="70b-1,70b-3",
+                 help=f"comma-separated shapes among {', '.join(IMPORT_SHAPES)}")
+  e.add_argument("--shard-mb", type=float, default=4800, help="HF shard size (MiB)")
+  e.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+  e.add_argument("--tmp", help="where to write the checkpoints (default $TMPDIR; ~20 GB)")
 
   st = sub.add_parser("safetensors", help="reading safetensors: medjax's reader vs the package")
   common(st, shape=None)
@@ -160,8 +173,16 @@ def run(args: argparse.Namespace) -> int:
         f"{r['num_docs']} docs); pipeline {r['pipeline_tokens_per_s']:,} tokens/s; "
         f"end to end {r['end_to_end_tokens_per_s']:,} tokens/s"])
   elif cmd == "import":
-    r = bench_import(args.size, args.shard_mb, args.tmp)
+    r = bench_import(args.size, args.shard_mb, args.tmp, args.dtype)
     record(args, f"import --size {args.size}", import_lines(args.size, r))
+  elif cmd == "export":
+    sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    bad = [x for x in sizes if x not in IMPORT_SHAPES]
+    if bad:
+      from medjax.errors import ConfigError
+      raise ConfigError(f"--sizes {bad[0]!r}: expected among {', '.join(IMPORT_SHAPES)}")
+    record(args, f"export --sizes {args.sizes}",
+           export_lines(bench_export(sizes, args.shard_mb, args.tmp, args.dtype)))
   elif cmd == "safetensors":
     r = bench_safetensors(args.tensors, args.tensor_mib, args.reps, args.tmp)
     record(args, "safetensors", safetensors_lines(r))

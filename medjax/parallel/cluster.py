@@ -36,8 +36,8 @@ def check_args(coordinator_address: str | None, num_processes: int | None,
   """ConfigError, naming the flag and value, unless the three describe a cluster (or are all
   None, for jax's own detection)."""
   given = (coordinator_address, num_processes, process_id)
-  if given == (None, None, None):
-    return
+  if given == (None, None, None) or (num_processes == 1 and process_id in (None, 0)):
+    return  # jax's own detection, or a lone process
   if None in given:
     raise ConfigError("--coordinator, --num-processes and --process-id go together "
                       f"(got {coordinator_address}, {num_processes}, {process_id})")
