@@ -51,8 +51,26 @@ def write_synthetic_hf(cfg, out_dir: str, shard_bytes: int, dtype: str = "float3
   return [os.path.join(out_dir, n) for n in names]
 
 
+# Runs `python -m MODULE ARGS` and reports the process's own peak RSS (VmHWM, which exec
+# resets; wait4's ru_maxrss would also count the pages of this benchmark process at fork).
+_REPORT = """try:
+  hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+  print("MEDJAX_PEAK_KIB", hwm, file=sys.stderr, flush=True)
+except OSError:
+  pass
+"""
+_PEAK = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n"
+         "  runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\nfinally:\n"
+         + "".join("  " + ln + "\n" for ln in _REPORT.splitlines()))
+
+
 def _child_rss(cmd: list[str]) -> tuple[float, int, str]:
-  """(wall s, peak RSS bytes, output) of one child process (wait4: this child's own RSS)."""
+  """(wall s, peak RSS bytes, output) of `python -m MODULE ARGS` or `python -c CODE` in a
+  child process of its own."""
+  if cmd[1] == "-m":
+    cmd = [cmd[0], "-c", _PEAK, *cmd[2:]]
+  else:  # -c CODE: the same report after it
+    cmd = [cmd[0], "-c", f"import sys\n{cmd[2]}\n{_REPORT}", *cmd[3:]]
   t = time.perf_counter()
   p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   out = p.stdout.read()
@@ -60,8 +78,10 @@ def _child_rss(cmd: list[str]) -> tuple[float, int, str]:
   p.returncode = os.waitstatus_to_exitcode(status)
   wall = time.perf_counter() - t
   if p.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-2000:]}")
-  return wall, ru.ru_maxrss * 1024, out  # Linux reports KiB
+    raise RuntimeError(f"{' '.join(cmd[:1] + cmd[3:])} failed ({p.returncode}):\n{out[-2000:]}")
+  peaks = [int(ln.split()[1]) for ln in out.splitlines() if ln.startswith("MEDJAX_PEAK_KIB")]
+  out = "\n".join(ln for ln in out.splitlines() if not ln.startswith("MEDJAX_PEAK_KIB"))
+  return wall, (peaks[-1] if peaks else ru.ru_maxrss) * 1024, out  # Linux reports KiB
 
 
 def bench_import(shape: str, shard_mb: float, workdir: str | None = None,
