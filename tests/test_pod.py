@@ -225,7 +225,9 @@ def test_sigterm_to_one_process_stops_both_and_a_killed_peer_stops_the_other(run
   Relaunched again: the uninterrupted 2-process run's losses, bit for bit."""
   root, cache, _ = runs
   w = tmp_path / "w"
-  procs = launch(w, 2, cache, root, sleep=0.5)
+  # The reference's config without the in-training evals (they change no loss), to save time.
+  noeval = {i: _overrides(root, eval_every=0) for i in range(2)}
+  procs = launch(w, 2, cache, root, sleep=0.5, overrides=noeval)
   _wait_for_step(w, 2, procs)
   procs[1].send_signal(signal.SIGTERM)
   res = finish(procs, 200)
@@ -236,7 +238,7 @@ def test_sigterm_to_one_process_stops_both_and_a_killed_peer_stops_the_other(run
     assert f"process {i}: SIGTERM: checkpoint at step {stopped} written" in out, out
   assert max(int(s) for s in os.listdir(w / "checkpoints") if s.isdigit()) == stopped
 
-  procs = launch(w, 2, cache, root, sleep=0.5)
+  procs = launch(w, 2, cache, root, sleep=0.5, overrides=noeval)
   _wait_for_step(w, stopped + 1, procs)
   t = time.time()
   procs[1].kill()  # the supervisor: its worker dies with it
@@ -250,7 +252,7 @@ def test_sigterm_to_one_process_stops_both_and_a_killed_peer_stops_the_other(run
   assert "Traceback" not in err and "@ 0x" not in err and "Check failure" not in err
   assert waited < HEARTBEAT + 30, waited  # the bound, plus this loaded machine's slack
 
-  res = finish(launch(w, 2, cache, root))
+  res = finish(launch(w, 2, cache, root, overrides=noeval))
   assert all(rc == 0 for rc, _, _ in res), res[0][2][-3000:]
   assert f"resumed from {w / 'checkpoints'}/" in res[0][1]
   assert losses(w) == losses(root / "two")  # bit for bit, every step once

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,9 +32,9 @@ def commands(out: Path, extra=()) -> list[list[str]]:
   ckpt = resolve("asset:tinystories-260k")
   return [
       ["eval", "--checkpoint", ckpt, "--cmexam", resolve("asset:cmexam_sample.csv"),
-       "--limit", "24", "--batch-size", "8", "--out", str(out / "cmexam.json"), *extra],
+       "--limit", "16", "--batch-size", "8", "--out", str(out / "cmexam.json"), *extra],
       ["eval", "--checkpoint", ckpt, "--text", resolve("asset:tinystories_sample.txt"),
-       "--limit", "8", "--batch-size", "4", "--max-len", "64", "--out",
+       "--limit", "6", "--batch-size", "4", "--max-len", "64", "--out",
        str(out / "text.json"), *extra],
       ["generate", "--checkpoint", ckpt, "--prompt", PROMPT, "--prompt", "The dog",
        "--max-new-tokens", "12", *extra],
@@ -91,7 +92,10 @@ def _done(p) -> str:
 
 def _section(stdout: str, name: str) -> str:
   """What the first command called `name` printed (between its marker and the next)."""
-  lines = [ln for ln in stdout.splitlines() if not ln.startswith("[Gloo]")]  # gloo's notes
+  # gloo's connection notes come from C++ and may land mid-line among Python's prints.
+  stdout = re.sub(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number of "
+                  r"connected peer ranks is : \d+\n?", "", stdout)
+  lines = stdout.splitlines()
   start = lines.index(f"=== {name}") + 1
   end = next((i for i in range(start, len(lines)) if lines[i].startswith("=== ")), len(lines))
   return "\n".join(lines[start:end])
@@ -134,7 +138,7 @@ def test_sharded_eval_and_generate_equal_one_device(sharded, single, where):
   one, one_stdout, one_logits = single
   got = root / where
   a, b = (json.loads((d / "cmexam.json").read_text()) for d in (one, got))
-  assert b["n"] == 24 and [p["predicted"] for p in b["predictions"]] == [
+  assert b["n"] == 16 and [p["predicted"] for p in b["predictions"]] == [
       p["predicted"] for p in a["predictions"]]
   assert b["accuracy"] == a["accuracy"]
   a, b = (json.loads((d / "text.json").read_text()) for d in (one, got))
@@ -155,8 +159,8 @@ def test_sharded_eval_and_generate_equal_one_device(sharded, single, where):
 def test_only_process_zero_prints_and_writes(sharded):
   _, stdouts = sharded
   p0, p1 = stdouts[1], stdouts[2]
-  assert "| all (loglik) | 24 |" in _section(p0, "eval") and PROMPT in _section(p0, "generate")
-  assert _section(p1, "eval").strip() == "" and _section(p1, "generate").strip() == ""
+  assert "| all (loglik) | 16 |" in _section(p0, "eval") and PROMPT in _section(p0, "generate")
+  assert _section(p1, "eval").strip() == "" and _section(p1, "generate").strip() == "", p1
 
 
 def test_fit_job_eval_cpu_estimate(capsys):
