@@ -295,6 +295,43 @@ def test_bad_multiprocess_input_is_one_line(pod_dir, tmp_path):
   assert time.time() - t < 120
 
 
+# What jax's runtime printed when a peer stopped (captured from the runs above, trimmed).
+FATAL = """E1201 14:31:51.080207   17836 coordination_service.cc:1549] [2634] Use error polling to propagate the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
+1
+The tasks have crashed.
+F1201 14:31:51.080998   17847 client.h:80] Terminating process because the JAX distributed service detected fatal errors. This most likely indicates that another task died. absl::Status: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
+1
+The tasks have crashed. Check the task logs for an earlier error.
+*** Check failure stack trace: ***
+    @     0x7ff6ec90cd5b  std::_Function_handler<>::_M_invoke()
+    @     0x7ff6f7ca71f5  (unknown)
+"""
+
+
+def test_supervisor_keeps_output_and_makes_the_runtime_error_one_line():
+  import io
+  from medjax.parallel import supervisor
+  out = io.StringIO()
+  f = supervisor._Filter(out)
+  text = "mesh {'data': 1}\n" + "train:  10%|#  | 1/10\r" + "[Gloo] Rank 0 is connected\n" + FATAL
+  for i in range(0, len(text), 7):  # arbitrary read boundaries
+    f.feed(text[i: i + 7])
+  f.close()
+  assert out.getvalue() == "mesh {'data': 1}\ntrain:  10%|#  | 1/10\r"
+  line = supervisor.explain(f.fatal, {"heartbeat_timeout": 7})
+  assert line.startswith("another process of the job stopped (process 1 sent no heartbeat for "
+                         "--heartbeat-timeout 7 s"), line
+  join = ["DEADLINE_EXCEEDED: Deadline Exceeded", "", "RPC: /xla.coordination."
+          "CoordinationService/RegisterTask"]
+  assert supervisor.explain(join, {"init_timeout": 3, "coordinator": "h:1",
+                                   "num_processes": 2}).startswith(
+      "the job did not form within --init-timeout 3 s: no coordinator answered at "
+      "--coordinator h:1, or fewer than --num-processes 2 processes joined it")
+  lost = ["UNAVAILABLE: Failed to send RPC to coordination service. Either the leader task "
+          "was preempted/died/restarted unexpectedly"]
+  assert supervisor.explain(lost, {"coordinator": "h:1"}).startswith("lost the coordinator h:1")
+
+
 def _main():
   """One process of a test job: `medjax ARGS`, each training step slowed by
   MEDJAX_TEST_STEP_SLEEP seconds so that a signal can land mid-run."""

@@ -189,5 +189,19 @@ def test_fit_job_eval_on_tpu():
   assert "FITS" in format_eval_report(r)
 
 
+@pytest.mark.parametrize("mesh, want", [
+    ("3,1,1", "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} does not divide the 1 devices"),
+    ("1,x,1", "--mesh '1,x,1': expected DATA,FSDP,TENSOR sizes, e.g. 1,-1,1"),
+])
+def test_bad_mesh_is_one_line(capsys, tmp_path, mesh, want):
+  from medjax.cli.main import main
+  rc = main(["eval", "--checkpoint", resolve("asset:tinystories-260k"), "--text",
+             resolve("asset:tinystories_sample.txt"), "--mesh", mesh,
+             "--out", str(tmp_path / "r.json")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 1 and err == [f"medjax eval: error: {want}"], err
+  assert not (tmp_path / "r.json").exists()
+
+
 if __name__ == "__main__":
   _worker(*sys.argv[1:])

@@ -50,6 +50,7 @@ class _Filter:
     self.pending = ""
     self.fatal: list[str] | None = None  # the fatal status and the lines after it
     self.error_line: str | None = None  # the child's own "medjax ...: error: ..." line
+    self.retelling = False  # inside a runtime error line's continuation
 
   def feed(self, text: str) -> None:
     self.pending += text
@@ -58,9 +59,9 @@ class _Filter:
       self._line(line)
     # A progress bar redraws one line with \r and no newline: pass it on as it comes.
     if "\r" in self.pending and self.fatal is None:
-      self.out.write(self.pending)
+      done, _, self.pending = self.pending.rpartition("\r")
+      self.out.write(done + "\r")
       self.out.flush()
-      self.pending = ""
 
   def close(self) -> None:
     if self.pending:
@@ -78,7 +79,10 @@ class _Filter:
       if not m:
         self.fatal.append(line)
       return
-    if m and m.group(1) in "EF" and m.group(2).startswith(_RETOLD):
+    if m:
+      # The runtime's error lines retell the fatal error to come, continuation lines too.
+      self.retelling = m.group(1) in "EF" and m.group(2).startswith(_RETOLD)
+    if self.retelling:
       return
     if line.startswith("medjax ") and ": error: " in line and self.error_line is None:
       self.error_line = line
