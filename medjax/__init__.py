@@ -4,11 +4,12 @@ from medjax.errors import CheckpointError, ConfigError, DataError, MedjaxError
 from medjax.model.config import PRESETS, LlamaConfig, preset
 
 
-def load(path: str, **overrides):
+def load(path: str, mesh=None, rules=None, **overrides):
   """An HF Llama/Qwen2 dir, medjax checkpoint or training workdir -> a model callable on int32
-  tokens [B,T] -> f32 logits [B,T,V] (`checkpoints.load.Loaded`)."""
+  tokens [B,T] -> f32 logits [B,T,V] (`checkpoints.load.Loaded`). With `mesh`, the params
+  are read straight onto it, sharded by the training rules (`rules` overrides them)."""
   from medjax.checkpoints.load import load as _load
-  return _load(path, **overrides)
+  return _load(path, mesh=mesh, rules=rules, **overrides)
 
 
 def __getattr__(name: str):

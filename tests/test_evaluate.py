@@ -153,7 +153,7 @@ def csv_questions(tmp_path):
 def test_loglik_report_arithmetic(monkeypatch, csv_questions):
   qs, problems = csv_questions
 
-  def fake_scores(cfg, params, tok, questions, batch_size, max_len, progress):
+  def fake_scores(cfg, params, tok, questions, batch_size, max_len, progress, placement=None):
     # The fake model always prefers "A" (single) or "AB" (multi).
     return [{c: (1.0 if c in ("A", "AB") else 0.0) for c in evaluate.candidates(q)}
             for q in questions], 0

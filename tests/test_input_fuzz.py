@@ -209,6 +209,7 @@ _BAD_FORMATS = {  # Text specs with a check: values the check must refuse
     "a token count or '-'": ["", "x", "0", "-1", "--", "1e", "nan", "inf"],
     "a number of passes or '-'": ["", "x", "0", "-2", "nan", "inf"],
     "a task name": ["", "nope", "cmexam2", "cmmlu:", "/nonexistent/task.json"],
+    "shapes among": ["", "x", "70b-1,x", ",", "70B-1"],
     "a build folder": ["", "tfds:", "tfds:/nonexistent/build", "/nonexistent", "gs://b/built"],
 }
 

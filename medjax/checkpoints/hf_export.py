@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import inputs
-from medjax.checkpoints import convert, hf_config, modeldir, sources
+from medjax.checkpoints import convert, hf_config, modeldir, sources, stream
 from medjax.data import spm_json
 from medjax.data.tokenizer import HF_FILE, HF_SIDE_FILES
 from medjax.errors import CheckpointError, ConfigError
@@ -29,25 +29,51 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
 
 def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool = False,
               max_shard_bytes: int = 5 << 30, log=print) -> str:
-  """Writes config, generation config, safetensors and tokenizer files for `transformers`."""
+  """Writes config, generation config, safetensors and tokenizer files for `transformers`.
+
+  Tensors are streamed one at a time (one layer of a stacked param at a time) out of the
+  model dir or the workdir's newest good checkpoint, whatever wrote it (one process or
+  many), so host memory holds about one tensor, not the model. A LoRA run's adapters are
+  merged into their base first, which restores the model.
+  """
   if dtype not in _DTYPES:
     raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
   _check_out_dir(out_dir, overwrite)
   src = sources.resolve_checkpoint(ckpt)
   cfg = modeldir.load_config(src)
   try:  # before any weight is read
-    hf_cfg = hf_config.to_hf_dict(cfg, dtype)
+    hf_cfg = hf_config.to_hf_dict(cfg.replace(lora_rank=0), dtype)
   except ConfigError as e:
     raise CheckpointError(f"{src}: {e}") from None
-  params = sources.restore(src, cfg)
-  params, cfg = lora.merge(params, cfg)  # PyTorch users get a plain Llama or Qwen2 model
-  flat = params_lib.flatten(params_lib.unstack_layers(params) if cfg.scan_layers else params)
   tmp = out_dir.rstrip("/") + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
   np_dtype = _DTYPES[dtype]
-  # One tensor at a time goes device -> host -> file.
-  convert.write_hf_weights(cfg, tmp, lambda p: modeldir.host(flat[p]), np_dtype, max_shard_bytes)
+
+  def start():
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+  if cfg.lora_rank:
+    start()
+    params = sources.restore(src, cfg)
+    params, cfg = lora.merge(params, cfg)  # PyTorch users get a plain Llama or Qwen2 model
+    flat = params_lib.flatten(params_lib.unstack_layers(params) if cfg.scan_layers else params)
+    # One tensor at a time goes device -> host -> file.
+    convert.write_hf_weights(cfg, tmp, lambda p: modeldir.host(flat[p]), np_dtype,
+                             max_shard_bytes)
+  else:
+    for params in stream.candidates(src):
+      start()
+      try:
+        convert.write_hf_weights(cfg, tmp, params.get, np_dtype, max_shard_bytes)
+        params.finish()
+        break
+      except CheckpointError as e:  # a damaged step: the one before, as restore does
+        if modeldir.is_model_dir(src):
+          raise
+        log(f"warning: {e}; trying the previous checkpoint")
+    else:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise CheckpointError(f"{src}: no checkpoint could be read")
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=2)
   with open(os.path.join(tmp, "generation_config.json"), "w") as f:

@@ -68,11 +68,14 @@ def import_hf(hf_dir: str, out_dir: str | None = None, scan_layers: bool = True,
 def import_hf_streaming(hf_dir: str, out_dir: str, scan_layers: bool = True, log=print,
                         flush_bytes: int = 32 << 20) -> LlamaConfig:
   """`import_hf` to disk without ever holding the model: host memory peaks at about one
-  param (stacked over layers when scanned), not the whole model.
+  HF tensor, whatever the model's depth.
 
-  Each param is assembled from its tensors (plain file reads, any shard order) and written
-  with orbax partial saves, a few at a time; the result is the same model dir `import_hf`
-  writes. Falls back to `import_hf` if this orbax has no partial saves.
+  Each HF tensor is read (a plain file read, any shard order) and written as its own array
+  with orbax partial saves, a few at a time: the params are stored per layer (`layers_{i}/`)
+  even when `scan_layers` is set, and restoring stacks them on the devices
+  (`modeldir.restore_params`), so no host buffer ever holds a whole stacked param (~75 GB
+  for one 70B MLP weight in f32). Falls back to `import_hf` if this orbax has no partial
+  saves.
   """
   try:
     import orbax.checkpoint.experimental.v1 as ocp_v1
@@ -111,21 +114,17 @@ def _import_streaming(partial, hf_dir, out_dir, scan_layers, log, flush_bytes) -
   index = convert.index_hf_params(cfg, hf_dir)
   out_cfg = cfg.replace(scan_layers=scan_layers)
   from medjax.model import llama as model_lib
+  # Stored per layer whatever scan_layers says: one HF tensor per array.
   want = params_lib.flatten(jax.eval_shape(
-      lambda: model_lib.init_params(out_cfg, jax.random.PRNGKey(0))))
+      lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0))))
   out_dir = os.path.abspath(out_dir)
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   root = os.path.join(tmp, "partial")
   pending, size = {}, 0
-  for path, spec in want.items():  # layers/x (stacked) or layers_{i}/x or a global param
-    if scan_layers and path.startswith("layers/"):
-      arr = np.empty(spec.shape, np.float32)
-      for i in range(cfg.num_hidden_layers):
-        arr[i] = convert.read_hf_param(cfg, index[f"layers_{i}/{path[len('layers/'):]}"])
-    else:
-      arr = np.ascontiguousarray(convert.read_hf_param(cfg, index[path]))
+  for path, spec in want.items():  # layers_{i}/x or a global param
+    arr = np.ascontiguousarray(convert.read_hf_param(cfg, index[path]))
     if arr.shape != tuple(spec.shape):
       raise CheckpointError(f"{hf_dir}: parameter {path} has shape {arr.shape}, the model "
                             f"config needs {tuple(spec.shape)}")

@@ -17,6 +17,7 @@ and the previous one is used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -69,6 +70,21 @@ def _val_loss(metrics) -> float:
   """A step's validation loss for retention; steps saved without one rank last."""
   v = (metrics or {}).get("val_loss")
   return float("inf") if v is None else float(v)
+
+
+def stacked_save_args(state):
+  """Orbax save args that store each layer of a layer-stacked array (`layers/...` params
+  and their optimizer moments) in chunks of its own, so one layer reads back without
+  decoding the others (`reader.ArrayReader`: export-hf streams layer by layer)."""
+  def args(path, x):
+    stacked = any(getattr(k, "key", None) == "layers" for k in path) and x.ndim >= 2
+    if not stacked:
+      return ocp.SaveArgs()
+    shard = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") else x.shape
+    layer_bytes = math.prod(shard[1:]) * x.dtype.itemsize
+    return ocp.SaveArgs(chunk_byte_size=max(layer_bytes, 1), shard_axes=(0,))
+
+  return jax.tree_util.tree_map_with_path(args, state)
 
 
 class SavedState:
@@ -132,7 +148,7 @@ class Checkpointer:
     meta = {**meta, "fingerprint": _host_fingerprint(state)}
     try:
       self._mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
+          state=ocp.args.StandardSave(state, save_args=stacked_save_args(state)),
           data=ocp.args.JsonSave(data_state if data_state is not None else {}),
           meta=ocp.args.JsonSave(meta)), force=True,
           metrics={} if val is None else {"val_loss": float(val)})

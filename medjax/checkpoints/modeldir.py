@@ -8,19 +8,21 @@ restored in the layout (`model.params`) the caller's config asks for.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from medjax.checkpoints import orbax_logs
 from medjax.data.tokenizer import copy_tokenizer, find_tokenizer
+from medjax.errors import CheckpointError
 from medjax.model import config as config_lib
 from medjax.model.config import LlamaConfig
-from medjax.model.params import check_shapes, is_scanned, to_layout
-from medjax.checkpoints import orbax_logs
-from medjax.errors import CheckpointError
+from medjax.model.params import check_shapes, flatten, is_scanned, to_layout, unflatten
 
 orbax_logs.install()
 
@@ -72,30 +74,78 @@ def restore_params(path: str, cfg: LlamaConfig | None = None, shardings=None) ->
   """Restores params of a model dir, in `cfg`'s layout (stored config if None).
 
   shardings: optional pytree of NamedSharding matching `cfg`'s layout, so each device
-  reads only its slices. Without it, arrays land on the default device.
+  reads only its slices. The stored layout may differ (`import-hf` stores per-layer
+  arrays; a scanned run wants them stacked): each array is then read straight onto the
+  matching slice of the mesh and the layers are stacked (or split) there, one param at a
+  time. Without shardings, arrays land on the default device.
   """
   stored = load_config(path)
   cfg = cfg or stored
   pdir = os.path.join(path, PARAMS)
   ckptr = ocp.StandardCheckpointer()
   try:
-    tree = saved_tree(pdir, ckptr)
+    tree = _as_dict(saved_tree(pdir, ckptr))
     abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), jnp.dtype(cfg.param_dtype)),
-        _as_dict(tree))
-    if shardings is not None and is_scanned(abstract) == cfg.scan_layers:
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), jnp.dtype(cfg.param_dtype)), tree)
+    relayout = shardings is not None and is_scanned(abstract) != cfg.scan_layers
+    if shardings is not None:
+      place = _stored_shardings(abstract, shardings) if relayout else shardings
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, shardings)
+                              abstract, place)
     params = ckptr.restore(pdir, abstract)
   except CheckpointError:
     raise
   except Exception as e:  # orbax raises many types for a damaged directory
     raise CheckpointError(f"{pdir}: cannot restore params ({type(e).__name__}: {e})") from None
-  params = to_layout(_as_dict(params), cfg)
+  params = _as_dict(params)
+  params = _relayout(params, cfg, shardings) if relayout else to_layout(params, cfg)
   check_shapes(params, cfg, pdir)
   if shardings is not None:
     params = jax.device_put(params, shardings)
   return params
+
+
+def _stored_shardings(stored: dict, shardings: dict) -> dict:
+  """Shardings for the stored layout, from the wanted layout's: a per-layer array takes its
+  stacked param's sharding without the layer axis, and a stacked array its per-layer
+  param's with a replicated layer axis."""
+  want = flatten(shardings)
+  out = {}
+  for path in flatten(stored):
+    m = re.fullmatch(r"layers_(\d+)/(.*)", path)
+    if m:  # stored per layer, wanted stacked
+      sh = want[f"layers/{m.group(2)}"]
+      out[path] = NamedSharding(sh.mesh, P(*tuple(sh.spec)[1:]))
+    elif path.startswith("layers/"):  # stored stacked, wanted per layer
+      sh = want[f"layers_0/{path[len('layers/'):]}"]
+      out[path] = NamedSharding(sh.mesh, P(None, *tuple(sh.spec)))
+    else:
+      out[path] = want[path]
+  return unflatten(out)
+
+
+def _relayout(params: dict, cfg: LlamaConfig, shardings: dict) -> dict:
+  """Stacks per-layer arrays (or splits stacked ones) on the mesh, param by param, each
+  result laid out as `shardings` says; the inputs are freed as it goes."""
+  flat, want = flatten(params), flatten(shardings)
+  n = cfg.num_hidden_layers
+  out = {k: v for k, v in flat.items() if not k.startswith("layers")}
+  if cfg.scan_layers:
+    for path, sh in want.items():
+      if path.startswith("layers/"):
+        sub = path[len("layers/"):]
+        parts = [flat.pop(f"layers_{i}/{sub}") for i in range(n)]
+        out[path] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sh)(*parts)
+        del parts
+  else:
+    for path, x in list(flat.items()):
+      if path.startswith("layers/"):
+        sub = path[len("layers/"):]
+        shs = tuple(want[f"layers_{i}/{sub}"] for i in range(n))
+        pieces = jax.jit(lambda x: tuple(x[i] for i in range(n)), out_shardings=shs)(x)
+        out.update({f"layers_{i}/{sub}": p for i, p in enumerate(pieces)})
+        del flat[path], x, pieces
+  return unflatten(out)
 
 
 def saved_tree(path: str, checkpointer=None):

@@ -9,6 +9,7 @@
   medjax bench data                                # packed CPT pipeline tokens/s
   medjax bench data --corpus-tokens 1e8            # tokenized build: build, first batch, RSS
   medjax bench import                              # HF -> medjax of a ~1 GB model: time, RSS
+  medjax bench export                              # import + export at 70B width, 1 vs 3 layers
   medjax bench safetensors                         # medjax's reader vs the safetensors package
   medjax bench fit                                 # `medjax fit` on the paper's TPU slices
   medjax bench scaling                             # tokens/s vs sequence length and width
@@ -35,7 +36,8 @@ from medjax.bench.attention import attention_lines, bench_attention
 from medjax.bench.common import RESULTS, record
 from medjax.bench.fit_table import bench_fit, fit_lines
 from medjax.bench.generate import bench_generate, generate_lines
-from medjax.bench.hf_import import IMPORT_SHAPES, bench_import, import_lines
+from medjax.bench.hf_import import (IMPORT_SHAPES, bench_export, bench_import,
+                                    export_lines, import_lines)
 from medjax.bench.models import SHAPES, make_shape
 from medjax.bench.safetensors_read import bench_safetensors, safetensors_lines
 from medjax.bench.scaling import bench_scaling, scaling_lines
@@ -44,6 +46,12 @@ from medjax.cli.args import path
 from medjax.errors import UsageError
 from medjax.inputs import FILE, NEW_FILE, WORKDIR, Float, Int, Ints, Text
 from medjax.model.config import ATTENTION
+
+
+def _import_shapes(text: str) -> None:
+  bad = [x for x in text.split(",") if x not in IMPORT_SHAPES]
+  if bad or not text:
+    raise ValueError(f"unknown shape(s) {', '.join(map(repr, bad or ['']))}")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +133,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   i.add_argument("--layers", type=Int(ge=1), help="override the shape's number of layers")
   i.add_argument("--no-scan", dest="scan", action="store_false",
                  help="import to per-layer params (the peak should not grow with depth)")
+  i.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="dtype of the synthetic HF files")
+
+  e = sub.add_parser("export", help="import-hf + export-hf at Llama-2-70B width, 1 vs 3 layers: "
+                     "peak RSS must not grow with depth")
+  common(e, shape=None)
+  e.add_argument("--sizes", default="70b-1,70b-3", type=Text(check=_import_shapes,
+                 what=f"shapes among {','.join(IMPORT_SHAPES)}"),
+                 help=f"comma-separated shapes among {', '.join(IMPORT_SHAPES)}")
+  e.add_argument("--shard-mb", type=Float(gt=0), default=4800, help="HF shard size (MiB)")
+  e.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+  path(e, "--tmp", kind=WORKDIR, help="where to write the checkpoints (default $TMPDIR; "
+       "~20 GB)")
 
   st = sub.add_parser("safetensors", help="reading safetensors: medjax's reader vs the package")
   common(st, shape=None)
@@ -196,8 +217,16 @@ def run(args: argparse.Namespace) -> int:
         f"{r['num_docs']} docs); pipeline {r['pipeline_tokens_per_s']:,} tokens/s; "
         f"end to end {r['end_to_end_tokens_per_s']:,} tokens/s"])
   elif cmd == "import":
-    r = bench_import(args.size, args.shard_mb, args.tmp, args.layers, args.scan)
+    r = bench_import(args.size, args.shard_mb, args.tmp, args.layers, args.scan, args.dtype)
     record(args, f"import --size {args.size}", import_lines(args.size, r))
+  elif cmd == "export":
+    sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    bad = [x for x in sizes if x not in IMPORT_SHAPES]
+    if bad:
+      from medjax.errors import ConfigError
+      raise ConfigError(f"--sizes {bad[0]!r}: expected among {', '.join(IMPORT_SHAPES)}")
+    record(args, f"export --sizes {args.sizes}",
+           export_lines(bench_export(sizes, args.shard_mb, args.tmp, args.dtype)))
   elif cmd == "safetensors":
     r = bench_safetensors(args.tensors, args.tensor_mib, args.reps, args.tmp)
     record(args, "safetensors", safetensors_lines(r))

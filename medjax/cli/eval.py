@@ -6,10 +6,16 @@ import argparse
 import json
 import os
 
+from medjax.cli import multiprocess
 from medjax.cli.args import path
 from medjax.errors import MedjaxError
-from medjax.inputs import DIR, FILE, FILE_OR_DIR, NEW_FILE, Float, Int, Text
+from medjax.inputs import DIR, FILE, FILE_OR_DIR, NEW_FILE, Float, Int, Ints, Text
 from medjax.model.config import DTYPES
+
+
+def _rules(text: str) -> None:
+  from medjax.parallel import sharding
+  sharding.parse_rules(text)
 
 
 def _task(text: str) -> None:
@@ -23,14 +29,37 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
   path(p, "--tokenizer", kind=FILE, help="tokenizer.model or tokenizer.json to use instead of "
        "the checkpoint's")
   p.add_argument("--dtype", default=None, choices=DTYPES, help="compute dtype override")
+  p.add_argument("--mesh", default="1,-1,1", metavar="DATA,FSDP,TENSOR",
+                 type=Ints(count=3, ge=1, also=(-1,)),
+                 help="device mesh the params are sharded over, with training's logical "
+                      "rules; one size may be -1 (default 1,-1,1: every device on fsdp)")
+  p.add_argument("--rules", default=None,
+                 type=Text(check=_rules, what='sharding rules "logical=axis+axis;..."'),
+                 help="sharding rule overrides as in a run config, e.g. 'mlp=tensor'")
+  multiprocess.add_args(p)
 
 
-def _load(args):
+def _start(args):
+  """Joins a multi-process job, checks every process got the same arguments, and returns
+  the mesh placement and a print that only process 0 uses (None: supervising instead)."""
+  import jax
+  from medjax.parallel import agreement, placement
+  multiprocess.join(args)
+  same = {k: v for k, v in vars(args).items()
+          if k not in ("process_id", "rest") and isinstance(v, (str, int, float, list, type(None)))}
+  agreement.check_same(same, "arguments")
+  pl = placement.make(",".join(map(str, args.mesh)), args.rules)
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  return pl, say
+
+
+def _load(args, pl=None):
   """(loaded model, tokenizer); a MedjaxError names the checkpoint when it has no tokenizer."""
   import medjax
   from medjax.data.tokenizer import load_tokenizer
   overrides = {"dtype": args.dtype} if args.dtype else {}
-  loaded = medjax.load(args.checkpoint, **overrides)
+  mesh = {} if pl is None else {"mesh": pl.mesh, "rules": pl.rules}
+  loaded = medjax.load(args.checkpoint, **mesh, **overrides)
   path = args.tokenizer or loaded.tokenizer_path
   if not path:
     raise MedjaxError(f"{args.checkpoint}: checkpoint has no tokenizer.model or tokenizer.json; "
@@ -56,14 +85,19 @@ def generate_add_args(p: argparse.ArgumentParser) -> None:
 
 
 def generate_run(args) -> int:
+  rc = multiprocess.supervise(args, "generate")
+  if rc is not None:
+    return rc
   from medjax.evaluation.generate import generate_text
-  loaded, tok = _load(args)
-  outs = generate_text(loaded, tok, args.prompt, args.max_new_tokens, args.temperature,
-                       args.top_p, args.seed)
+  pl, say = _start(args)
+  with multiprocess.peers_lost("generate"):
+    loaded, tok = _load(args, pl)
+    outs = generate_text(loaded, tok, args.prompt, args.max_new_tokens, args.temperature,
+                         args.top_p, args.seed)
   for prompt, out in zip(args.prompt, outs):
-    print(prompt + out)
+    say(prompt + out)
     if len(args.prompt) > 1:
-      print("-" * 40)
+      say("-" * 40)
   return 0
 
 
@@ -91,37 +125,45 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+  rc = multiprocess.supervise(args, "eval")
+  if rc is not None:
+    return rc
   from medjax.evaluation import exam, scoring
   from medjax.assets import resolve
+  pl, say = _start(args)
+  primary = say is print
   if args.cmexam:
     from medjax.data.cmexam import read_cmexam
     args.cmexam = resolve(args.cmexam)  # asset:NAME, a shipped sample
     # Read first: fail fast on a bad task or file.
     questions, problems = read_cmexam(args.cmexam, args.task)
-    loaded, tok = _load(args)
-    questions = questions[: args.limit] if args.limit else questions
-    for pr in problems:
-      print(f"skipped row: {pr}")
-    res = exam.evaluate_cmexam(
-        loaded.cfg, loaded.params, tok, questions, args.batch_size, args.method, problems,
-        args.max_new_tokens, args.max_len, progress=True, return_predictions=bool(args.out))
+    with multiprocess.peers_lost("eval"):
+      loaded, tok = _load(args, pl)
+      questions = questions[: args.limit] if args.limit else questions
+      for pr in problems:
+        say(f"skipped row: {pr}")
+      res = exam.evaluate_cmexam(
+          loaded.cfg, loaded.params, tok, questions, args.batch_size, args.method, problems,
+          args.max_new_tokens, args.max_len, progress=primary,
+          return_predictions=bool(args.out), placement=pl)
     res.update(checkpoint=args.checkpoint, data=args.cmexam, task=questions[0].task.name)
-    print(exam.markdown_table(res))
+    say(exam.markdown_table(res))
   else:
     from medjax.data.corpus import read_texts
     args.text = resolve(args.text)
     texts = read_texts(args.text)
-    loaded, tok = _load(args)
-    texts = texts[: args.limit] if args.limit else texts
-    res = scoring.perplexity(loaded.cfg, loaded.params, tok, texts, args.batch_size,
-                             args.max_len, progress=True)
+    with multiprocess.peers_lost("eval"):
+      loaded, tok = _load(args, pl)
+      texts = texts[: args.limit] if args.limit else texts
+      res = scoring.perplexity(loaded.cfg, loaded.params, tok, texts, args.batch_size,
+                               args.max_len, progress=primary, placement=pl)
     res.update(checkpoint=args.checkpoint, data=args.text)
-    print("| documents | tokens | mean NLL | perplexity |\n|---:|---:|---:|---:|\n"
-          f"| {res['documents']} | {res['tokens']} | {res['nll']:.4f} | "
-          f"{res['perplexity']:.3f} |")
-  if args.out:
+    say("| documents | tokens | mean NLL | perplexity |\n|---:|---:|---:|---:|\n"
+        f"| {res['documents']} | {res['tokens']} | {res['nll']:.4f} | "
+        f"{res['perplexity']:.3f} |")
+  if args.out and primary:  # every process has the same results; one writes them
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
       json.dump(res, f, ensure_ascii=False, indent=1)
-    print(f"wrote {args.out}")
+    say(f"wrote {args.out}")
   return 0

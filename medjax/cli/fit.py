@@ -45,6 +45,11 @@ def add_args(p):
   p.add_argument("--rules", type=Text(check=_rules, what='sharding rules "logical=axis+axis;..."'),
                  help="sharding rule overrides, e.g. 'embed=;mlp=tensor'")
   p.add_argument("--cpu", action="store_true", help="compile for CPU devices, not libtpu")
+  p.add_argument("--job", choices=("train", "eval", "generate"), default="train",
+                 help="the program to check: the train step (default), `medjax eval`'s "
+                      "scoring pass (rows of --seq-len), or `medjax generate`'s decode loop "
+                      "(prompts of --seq-len)")
+  p.add_argument("--max-new-tokens", type=int, default=256, help="for --job generate")
 
 
 def _read_config(spec: str) -> dict:
@@ -91,6 +96,12 @@ def run(args):
   seq = args.seq_len or c.get("seq_len", 4096)
   batch = (args.batch_per_device or 1) * n if args.batch_per_device or "global_batch" not in c \
       else c["global_batch"]
+  if args.job != "train":
+    from medjax.evaluation.fit import eval_fit_report, format_eval_report
+    r = eval_fit_report(cfg, args.topology, seq, batch, mesh, args.rules or c.get("rules"),
+                        job=args.job, max_new_tokens=args.max_new_tokens, cpu=args.cpu)
+    print(format_eval_report(r))
+    return 0 if r["fits"] else 3
   r = fit_report(cfg, args.topology, seq, batch, mesh, args.rules or c.get("rules"),
                  accum_steps=args.accum_steps or c.get("accum_steps", 1), cpu=args.cpu)
   print(format_report(r))

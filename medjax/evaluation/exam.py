@@ -77,7 +77,8 @@ def _continuation(tokenizer, prompt: str, ctx: list[int], delimiter: str, text: 
 
 
 def score_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam.Question],
-                 batch_size: int = 16, max_len: int | None = None, progress: bool = False):
+                 batch_size: int = 16, max_len: int | None = None, progress: bool = False,
+                 placement=None):
   """Log-likelihood of each candidate answer of each question (policy: module docstring).
 
   Args:
@@ -88,6 +89,7 @@ def score_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam
     max_len: longest row; prompts are cut from the left to fit (default: the model's
       max_position_embeddings).
     progress: show a tqdm bar.
+    placement: params on a mesh (`scoring.score_rows`); None: one device.
 
   Returns:
     (scores, truncated): per question a dict candidate -> total log-prob, and the number of
@@ -139,7 +141,7 @@ def score_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam
     plans.append((cands, plan))
 
   token_lp, next_lp = scoring.score_rows(cfg, params, list(rows), batch_size, gather,
-                                         progress, desc="cmexam loglik")
+                                         progress, desc="cmexam loglik", placement=placement)
   scores = []
   for cands, plan in plans:
     s = {}
@@ -197,7 +199,7 @@ def extract_answer(text: str, letters: str = "ABCDE", task: ExamTask | None = No
 
 def predict_generate(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam.Question],
                      batch_size: int = 16, max_new_tokens: int = 16,
-                     max_len: int | None = None, progress: bool = False):
+                     max_len: int | None = None, progress: bool = False, placement=None):
   """Greedy continuations of each prompt. Returns (texts, truncated prompt count)."""
   max_len = max_len or cfg.max_position_embeddings
   prompts, truncated = [], 0
@@ -214,7 +216,8 @@ def predict_generate(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cm
     idx = order[start: start + batch_size]
     # Pad the last batch with copies so every call has the same batch shape (one compile).
     batch = [prompts[i] for i in idx] + [prompts[idx[0]]] * (batch_size - len(idx))
-    new = generate_lib.generate(cfg, params, batch, max_new_tokens, eos_id=eos)
+    new = generate_lib.generate(cfg, params, batch, max_new_tokens, eos_id=eos,
+                                placement=placement)
     for i, ids in zip(idx, new):
       texts[i] = tokenizer.decode(ids)
   return texts, truncated
@@ -257,7 +260,8 @@ def summarize(questions: Sequence[cmexam.Question], predictions: Sequence[str | 
 def evaluate_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cmexam.Question],
                     batch_size: int = 16, method: str = "loglik", problems: Sequence = (),
                     max_new_tokens: int = 16, max_len: int | None = None,
-                    progress: bool = False, return_predictions: bool = False) -> dict:
+                    progress: bool = False, return_predictions: bool = False,
+                    placement=None) -> dict:
   """CMExam accuracy of a model.
 
   Args:
@@ -272,6 +276,7 @@ def evaluate_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cme
     max_len: longest sequence (default: the model's max_position_embeddings).
     progress: show a tqdm bar.
     return_predictions: add a per-question `predictions` list.
+    placement: params on a mesh (`parallel.placement`); None: one device.
 
   Returns:
     A dict: method, n, accuracy, chance, single/multi {n, accuracy, chance}, unparsed
@@ -283,12 +288,12 @@ def evaluate_cmexam(cfg: LlamaConfig, params, tokenizer, questions: Sequence[cme
     raise MedjaxError("no CMExam questions to evaluate")
   if method == "loglik":
     scores, truncated = score_cmexam(cfg, params, tokenizer, questions, batch_size, max_len,
-                                     progress)
+                                     progress, placement)
     preds = [max(s, key=s.get) for s in scores]  # ties: the first candidate
     outputs = preds
   else:
     outputs, truncated = predict_generate(cfg, params, tokenizer, questions, batch_size,
-                                          max_new_tokens, max_len, progress)
+                                          max_new_tokens, max_len, progress, placement)
     preds = [extract_answer(t, q.letters, q.task) for q, t in zip(questions, outputs)]
   res = summarize(questions, preds, method, problems, truncated)
   if return_predictions:

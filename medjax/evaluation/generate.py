@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax.errors import MedjaxError
 from medjax.model import llama as model_lib
 from medjax.model.config import LlamaConfig
-from medjax.errors import MedjaxError
+from medjax.parallel import placement as placement_lib
 
 MIN_BUCKET = 16
 
@@ -80,8 +81,7 @@ def _pick(logits, key, temperature, top_p, greedy: bool):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
-def _generate_ids(cfg: LlamaConfig, params, tokens, segment_ids, positions, lengths, seed,
+def _generate_ids_fn(cfg: LlamaConfig, params, tokens, segment_ids, positions, lengths, seed,
                   temperature, top_p, eos_id, *, max_new_tokens: int, greedy: bool):
   """Prefill + decode loop. Returns (new ids [B,N], number of valid ids per row [B])."""
   key = jax.random.PRNGKey(seed)
@@ -118,9 +118,19 @@ def _generate_ids(cfg: LlamaConfig, params, tokens, segment_ids, positions, leng
   return out, n_valid
 
 
+_STATIC = ("cfg", "max_new_tokens", "greedy")
+_generate_ids = jax.jit(_generate_ids_fn, static_argnames=_STATIC)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_generator(placement):
+  """`_generate_ids` jitted for a mesh (prompt rows split over its batch axes)."""
+  return placement.jit(_generate_ids_fn, static_argnames=_STATIC)
+
+
 def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None) -> list[list[int]]:
+             eos_id: int | None = None, placement=None) -> list[list[int]]:
   """Generates continuations for a batch of token prompts of different lengths.
 
   Args:
@@ -134,6 +144,8 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new
     seed: sampling seed; the same seed, prompts and batch give the same ids.
     eos_id: a row stops after emitting this id (which is kept as its last id). None: never
       stop early (pass the tokenizer's `eos_id` to stop at end of sequence).
+    placement: a `parallel.placement.Placement` when params live on a mesh (in a
+      multi-process job every process passes the same prompts and gets the same ids).
 
   Returns:
     B lists of new ids (not including the prompt), each at most `max_new_tokens` long.
@@ -156,21 +168,26 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new
                         f"(vocab_size={cfg.vocab_size})")
   length = bucket_length(max(len(p) for p in prompts))
   tokens, seg, pos, lengths = left_pad(prompts, length)
-  # Explicit transfers: the training loop runs its evals under host<->device transfer guards.
-  args = jax.device_put((tokens, seg, pos, lengths, np.uint32(seed),
-                         np.float32(temperature or 1.0), np.float32(top_p),
-                         np.int32(-1 if eos_id is None else eos_id)))
-  out, n_valid = _generate_ids(cfg, params, *args, max_new_tokens=int(max_new_tokens),
-                               greedy=temperature == 0)
-  out, n_valid = jax.device_get((out, n_valid))
+  scalars = (np.uint32(seed), np.float32(temperature or 1.0), np.float32(top_p),
+             np.int32(-1 if eos_id is None else eos_id))
+  static = dict(max_new_tokens=int(max_new_tokens), greedy=temperature == 0)
+  if placement is None:
+    # Explicit transfers: the training loop runs its evals under host<->device transfer guards.
+    args = jax.device_put((tokens, seg, pos, lengths, *scalars))
+    out, n_valid = jax.device_get(_generate_ids(cfg, params, *args, **static))
+  else:
+    args = [*map(placement.rows, (tokens, seg, pos, lengths)),
+            *map(placement.replicated, scalars)]
+    out, n_valid = jitted_generator(placement)(cfg, params, *args, **static)
+    out, n_valid = placement_lib.fetch(out), placement_lib.fetch(n_valid)
   return [out[i, : n_valid[i]].tolist() for i in range(len(prompts))]
 
 
-def _unpack_model(model) -> tuple[LlamaConfig, dict]:
+def _unpack_model(model) -> tuple[LlamaConfig, dict, object]:
   if isinstance(model, tuple):
-    return model
+    return (*model, None)
   if hasattr(model, "cfg") and hasattr(model, "params"):
-    return model.cfg, model.params
+    return model.cfg, model.params, getattr(model, "placement", None)
   raise MedjaxError(f"expected a medjax.load() result or a (cfg, params) tuple, got "
                     f"{type(model).__name__}")
 
@@ -192,14 +209,14 @@ def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int 
   Returns:
     The generated continuation of each prompt (without the prompt).
   """
-  cfg, params = _unpack_model(model)
+  cfg, params, placement = _unpack_model(model)
   ids = [tokenizer.encode(p, bos=True) for p in prompts]
   bs = batch_size or max(len(ids), 1)
   eos = tokenizer.eos_id if stop_at_eos and tokenizer.eos_id >= 0 else None
   out: list[str] = []
   for start in range(0, len(ids), bs):
     new = generate(cfg, params, ids[start: start + bs], max_new_tokens, temperature, top_p,
-                   seed, eos)
+                   seed, eos, placement)
     for p, n in zip(ids[start: start + bs], new):
       # Decode with the prompt, then cut it off: SentencePiece drops a leading space when
       # decoding the new ids alone ("Tom" + "and" instead of "Tom and").

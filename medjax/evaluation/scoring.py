@@ -21,6 +21,7 @@ from medjax.errors import MedjaxError
 from medjax.evaluation import generate as generate_lib
 from medjax.model import llama as model_lib
 from medjax.model.config import LlamaConfig
+from medjax.parallel import placement as placement_lib
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -61,9 +62,25 @@ def _score_batch(cfg, params, tokens, segment_ids, positions, last_idx, gather_i
 _score_batch_jit = jax.jit(_score_batch, static_argnames=("cfg",))
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_scorer(placement):
+  """`_score_batch` jitted for a mesh (rows split over its batch axes, results replicated)."""
+  return placement.jit(_score_batch, static_argnames=("cfg",))
+
+
+def _run_scores(cfg, params, arrays, placement):
+  """(token log-probs, next log-probs) on the host for one padded batch."""
+  if placement is None:
+    # Explicit transfers: the training loop runs its evals under host<->device transfer guards.
+    lp, nxt = _score_batch_jit(cfg, params, *jax.device_put(arrays))
+    return jax.device_get((lp, nxt))
+  lp, nxt = jitted_scorer(placement)(cfg, params, *map(placement.rows, arrays))
+  return placement_lib.fetch(lp), placement_lib.fetch(nxt)
+
+
 def score_rows(cfg: LlamaConfig, params, rows: Sequence[Sequence[int]], batch_size: int,
                gather: Sequence[Sequence[int]] | None = None, progress: bool = False,
-               desc: str = "scoring"):
+               desc: str = "scoring", placement=None):
   """Scores token rows in fixed-shape batches.
 
   Args:
@@ -74,6 +91,9 @@ def score_rows(cfg: LlamaConfig, params, rows: Sequence[Sequence[int]], batch_si
       row's last token is returned.
     progress: show a tqdm bar.
     desc: the bar's label.
+    placement: a `parallel.placement.Placement` when params live on a mesh (rows are then
+      split over its batch axes; in a multi-process job every process passes the same rows
+      and gets the same results). None: one device.
 
   Returns:
     (token_lp, next_lp): N float64 arrays [len(row)] as in `token_logprobs`, and N arrays
@@ -100,9 +120,7 @@ def score_rows(cfg: LlamaConfig, params, rows: Sequence[Sequence[int]], batch_si
       tokens[j, :n], seg[j, :n], last[j] = rows[i], 1, n - 1
       ids[j, : len(gather[i])] = gather[i]
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (batch_size, t))
-    # Explicit transfers: the training loop runs its evals under host<->device transfer guards.
-    lp, nxt = _score_batch_jit(cfg, params, *jax.device_put((tokens, seg, pos, last, ids)))
-    lp, nxt = jax.device_get((lp, nxt))
+    lp, nxt = _run_scores(cfg, params, (tokens, seg, pos, last, ids), placement)
     for j, i in enumerate(idx):
       token_lp[i] = lp[j, : len(rows[i])].astype(np.float64)
       next_lp[i] = nxt[j, : len(gather[i])].astype(np.float64)
@@ -110,7 +128,7 @@ def score_rows(cfg: LlamaConfig, params, rows: Sequence[Sequence[int]], batch_si
 
 
 def perplexity(cfg: LlamaConfig, params, tokenizer, texts: Sequence[str], batch_size: int = 8,
-               max_len: int | None = None, progress: bool = False) -> dict:
+               max_len: int | None = None, progress: bool = False, placement=None) -> dict:
   """Mean next-token NLL and perplexity over documents.
 
   Each document is tokenised as BOS + text + EOS, as training does
@@ -125,6 +143,7 @@ def perplexity(cfg: LlamaConfig, params, tokenizer, texts: Sequence[str], batch_
     batch_size: windows per forward pass.
     max_len: window length (default: the model's max_position_embeddings).
     progress: show a tqdm bar.
+    placement: as in `score_rows`.
 
   Returns:
     {documents, windows, tokens (predicted tokens), nll (mean, nats), perplexity, max_len}.
@@ -144,7 +163,7 @@ def perplexity(cfg: LlamaConfig, params, tokenizer, texts: Sequence[str], batch_
   if not windows:
     raise MedjaxError("perplexity: no documents")
   token_lp, _ = score_rows(cfg, params, windows, batch_size, progress=progress,
-                           desc="perplexity")
+                           desc="perplexity", placement=placement)
   n = sum(len(w) - 1 for w in windows)
   nll = -sum(float(lp[1:].sum()) for lp in token_lp) / max(n, 1)
   return {"documents": len(texts), "windows": len(windows), "tokens": n, "nll": nll,

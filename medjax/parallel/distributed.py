@@ -7,25 +7,21 @@ into one global `jax.Array` sharded over the mesh.
 
 from __future__ import annotations
 
-import os
+import inspect
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from medjax.errors import ConfigError
+from medjax.parallel.cluster import (HEARTBEAT_TIMEOUT, INIT_TIMEOUT, check_args,
+                                    wants_cluster)
 from medjax.parallel import sharding as sharding_lib
-
-# Set on Cloud TPU VMs (by the VM image / GKE); jax's own cluster detection reads them too.
-_TPU_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE", "TPU_NAME")
-
-
-def _on_cloud_tpu() -> bool:
-  return any(os.environ.get(k) for k in _TPU_ENV) or os.path.exists("/dev/accel0") or (
-      os.path.isdir("/dev/vfio") and len(os.listdir("/dev/vfio")) > 1)
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+               process_id: int | None = None, init_timeout: int = INIT_TIMEOUT,
+               heartbeat_timeout: int = HEARTBEAT_TIMEOUT) -> bool:
   """Joins this process to the others; call before anything touches a device.
 
   Args:
@@ -33,19 +29,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       Cloud TPU VM (or with JAX_COORDINATOR_ADDRESS set) jax discovers everything itself;
       elsewhere this is one process and nothing happens.
     num_processes, process_id: this process's place, for explicit (non-TPU) clusters.
+    init_timeout: seconds to wait for every process to join (then the runtime stops this
+      process; `parallel.supervisor` turns that into one line).
+    heartbeat_timeout: seconds after which a silent process counts as dead, and the
+      others stop.
   Returns:
     True if jax.distributed was initialized (now or before), False for a lone process.
+  Raises:
+    ConfigError for arguments that cannot describe a cluster.
   """
   global _initialized
   if _initialized or _jax_says_initialized():
     return True
+  check_args(coordinator_address, num_processes, process_id)
+  bounds = _timeouts(init_timeout, heartbeat_timeout)
   explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
   if not explicit:
-    # jax's cluster detection covers Cloud TPU and SLURM (several tasks); else a lone process.
-    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
-    if not (_on_cloud_tpu() or slurm or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    if not wants_cluster():
       return False
-    jax.distributed.initialize()
+    jax.distributed.initialize(**bounds)
     _initialized = True
     return True
   if num_processes == 1:
@@ -57,9 +59,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   except AttributeError:
     pass
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id, **bounds)
   _initialized = True
   return True
+
+
+def _timeouts(init_timeout: int, heartbeat_timeout: int) -> dict:
+  """The bounds as `jax.distributed.initialize` arguments this jax release accepts."""
+  for name, v in (("--init-timeout", init_timeout), ("--heartbeat-timeout", heartbeat_timeout)):
+    if int(v) < 1:
+      raise ConfigError(f"{name} {v}: must be >= 1 second")
+  params = inspect.signature(jax.distributed.initialize).parameters
+  out = {"initialization_timeout": int(init_timeout),
+         "heartbeat_timeout_seconds": int(heartbeat_timeout)}
+  return {k: v for k, v in out.items() if k in params}
 
 
 _initialized = False  # set by `initialize`; covers jax releases without is_initialized()

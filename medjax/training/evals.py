@@ -19,8 +19,9 @@ def check(c) -> None:
     cmexam.read_cmexam(resolve(e.cmexam), tasks.load_task(c.get("exam", "")))
 
 
-def extra_evals(c, cfg, params, tokenizer) -> dict:
-  """Exam accuracy on a small subset and general-text perplexity, when configured."""
+def extra_evals(c, cfg, params, tokenizer, placement=None) -> dict:
+  """Exam accuracy on a small subset and general-text perplexity, when configured;
+  `placement`: the training mesh the params live on (every process computes the same)."""
   out = {}
   e = c.get("eval")
   if not e:
@@ -32,12 +33,12 @@ def extra_evals(c, cfg, params, tokenizer) -> dict:
     if c.task == "sft" and path in paths(c.data.train):
       qs = split_questions(qs, c.data.val_fraction, c.seed)[1]  # never score trained questions
     r = exam.evaluate_cmexam(cfg, params, tokenizer, qs[: e.cmexam_limit], method="loglik",
-                             progress=False)
+                             progress=False, placement=placement)
     out[f"{task.name}_acc"] = r["accuracy"]
   if e.get("text"):
     texts = corpus.read_texts(resolve(e.text))[: e.text_limit]
     r = scoring.perplexity(cfg, params, tokenizer, texts, max_len=c.data.seq_len,
-                           progress=False)
+                           progress=False, placement=placement)
     out["general_ppl"] = r["perplexity"]
   return out
 

@@ -170,6 +170,17 @@ def fit_report(cfg, topology: str, seq_len: int, global_batch: int,
   # Wall time includes waiting for a shared CPU; process time is this compile's own work.
   out.update(compile_s=time.time() - t0, compile_cpu_s=time.process_time() - c0,
              pallas_kernels=_kernels(lowered))
+  out.update(memory_figures(compiled, chip))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out["xla_flops"] = float(cost.get("flops", 0.0)) * len(devices)  # cost is per device
+  out.update(_analytic(cfg, seq_len, global_batch, len(devices), chip))
+  return out
+
+
+def memory_figures(compiled, chip: Chip) -> dict:
+  """Per-chip bytes of a compiled program: arguments, outputs, aliased, temporaries, code,
+  XLA's peak, the total checked against HBM, and whether it fits."""
   mem = compiled.memory_analysis()
   args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
   alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
@@ -180,14 +191,9 @@ def fit_report(cfg, topology: str, seq_len: int, global_batch: int,
   peak = getattr(mem, "peak_memory_in_bytes", 0)
   # Without a peak (CPU): donated state buffers are reused for the outputs, count them once.
   total = peak or args + outs - alias + temp + code
-  out.update(arguments=args, outputs=outs, aliased=alias, temporaries=temp, code=code,
-             peak=peak, total=total, fits=total <= chip.hbm_bytes,
-             host_temporaries=getattr(mem, "host_temp_size_in_bytes", 0))  # remat="offload"
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out["xla_flops"] = float(cost.get("flops", 0.0)) * len(devices)  # cost is per device
-  out.update(_analytic(cfg, seq_len, global_batch, len(devices), chip))
-  return out
+  return dict(arguments=args, outputs=outs, aliased=alias, temporaries=temp, code=code,
+              peak=peak, total=total, fits=total <= chip.hbm_bytes,
+              host_temporaries=getattr(mem, "host_temp_size_in_bytes", 0))  # remat="offload"
 
 
 def _kernels(lowered) -> int:

@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import os
-import signal
 
 import jax
 import numpy as np
@@ -25,7 +24,8 @@ from medjax.errors import CheckpointError, ConfigError, DataError
 from medjax.model import config as config_lib
 from medjax.model import llama as model_lib
 from medjax.model import params as params_lib
-from medjax.parallel import distributed, sharding
+from medjax.parallel import agreement, distributed, sharding
+from medjax.parallel.placement import Placement
 from medjax.training import config as runconfig
 from medjax.training import evals as evals_lib
 from medjax.training import metrics as metrics_lib
@@ -39,28 +39,6 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-class _Preemption:
-  """SIGTERM (TPU preemption, `kill`) sets a flag; the loop checkpoints and exits cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._prev = None
-
-  def __enter__(self):
-    try:
-      self._prev = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. some test runners)
-      self._prev = None
-    return self
-
-  def _handler(self, signum, frame):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._prev is not None:
-      signal.signal(signal.SIGTERM, self._prev)
-
-
 def main(c, workdir: str) -> dict:
   """Runs (or resumes) a training job; returns the last logged metrics."""
   runconfig.validate(c)  # every field, before anything is built or written
@@ -68,6 +46,8 @@ def main(c, workdir: str) -> dict:
   if problem:
     raise ConfigError(f"--workdir {workdir}: {problem}")
   distributed.initialize()
+  # Every process must run the same job: refuse (on all of them) before anything is written.
+  agreement.check_same({"config": c.to_dict(), "workdir": os.path.abspath(workdir)})
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
@@ -168,7 +148,7 @@ def main(c, workdir: str) -> dict:
       if cnt:
         out["val_loss"] = tot / cnt
         out["val_ppl"] = float(np.exp(out["val_loss"]))
-    out.update(evals_lib.extra_evals(c, cfg, params, tokenizer))
+    out.update(evals_lib.extra_evals(c, cfg, params, tokenizer, Placement(mesh, rules)))
     return out
 
   # ---------------------------------------------------------------- loop
@@ -176,7 +156,8 @@ def main(c, workdir: str) -> dict:
   pending, last = [], {}
   skipped_at_start = int(jax.device_get(state["skipped"]))
   try:
-    with _Preemption() as preempt:
+    # A SIGTERM to any process stops all of them at one agreed step, checkpointed there.
+    with agreement.Preemption() as preempt:
       step = start
       while step < c.total_steps:
         try:
@@ -189,8 +170,9 @@ def main(c, workdir: str) -> dict:
         with _host_transfers_disallowed():
           state, m = train(state, distributed.global_batch(local, mesh, batch_sharding))
         step += 1
+        stop = preempt.reached(step)
         pending.append(m)  # fetched every log_every steps, so the host never waits per step
-        if step % c.log_every == 0 or step == c.total_steps or preempt.requested:
+        if step % c.log_every == 0 or step == c.total_steps or stop:
           fetched = jax.device_get(pending)
           pending = []
           if c.nan_policy == "stop" and not all(bool(f["finite"]) for f in fetched):
@@ -207,15 +189,19 @@ def main(c, workdir: str) -> dict:
           logger.log_eval(step, evals)
           last.update(evals)
           logger.reset_clock()  # tokens/s and MFU measure training, not evaluation
-        if step % c.checkpoint_every == 0 or step == c.total_steps or preempt.requested:
+        if step % c.checkpoint_every == 0 or step == c.total_steps or stop:
           # nan_policy=stop: never checkpoint past a skipped step, even between log steps.
           if c.nan_policy == "stop" and int(jax.device_get(state["skipped"])) > skipped_at_start:
             _stop_nonfinite(step, ckpt)
           ckpt.save(step, saved.select(state), train_it.get_state(),
                     {"step": step, **_floats(last), **evals})
-        if preempt.requested:
+        if stop:
           ckpt.wait()
-          _log(f"SIGTERM: checkpoint at step {step} written; exiting")
+          if preempt.multi:  # each host's log says where it stopped: all at the same step
+            print(f"process {jax.process_index()}: SIGTERM: checkpoint at step {step} written "
+                  "(every process stopped there); exiting", flush=True)
+          else:
+            _log(f"SIGTERM: checkpoint at step {step} written; exiting")
           break
     ckpt.close()  # waits for the last save: a failed write is raised here
   except BaseException:  # no save left running, no tmp dir left behind, a clean error
