@@ -49,7 +49,7 @@ def add_args(p):
                  help="the program to check: the train step (default), `medjax eval`'s "
                       "scoring pass (rows of --seq-len), or `medjax generate`'s decode loop "
                       "(prompts of --seq-len)")
-  p.add_argument("--max-new-tokens", type=int, default=256, help="for --job generate")
+  p.add_argument("--max-new-tokens", type=Int(ge=1), default=256, help="for --job generate")
 
 
 def _read_config(spec: str) -> dict:
