@@ -270,7 +270,7 @@ def test_eval_and_generate_cli_with_real_tokenizer(tmp_path, capsys):
 
 
 def test_scoring_under_transfer_guard(tiny):
-  """The training loop runs its evals under host<->device transfer guards: explicit copies only."""
+  """Scoring copies explicitly: it runs under jax.transfer_guard("disallow")."""
   import jax
   _, m = tiny
   want = scoring.perplexity(m.cfg, m.params, CharTok(), DOCS, batch_size=2)

@@ -191,7 +191,8 @@ def test_fit_job_eval_on_tpu():
 
 @pytest.mark.parametrize("mesh, want", [
     ("3,1,1", "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} does not divide the 1 devices"),
-    ("1,x,1", "--mesh '1,x,1': expected DATA,FSDP,TENSOR sizes, e.g. 1,-1,1"),
+    ("1,x,1", "argument --mesh: invalid value '1,x,1': accepts 3 comma-separated ints, each "
+              ">= 1 or -1"),
 ])
 def test_bad_mesh_is_one_line(capsys, tmp_path, mesh, want):
   from medjax.cli.main import main

@@ -172,7 +172,7 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new
              np.int32(-1 if eos_id is None else eos_id))
   static = dict(max_new_tokens=int(max_new_tokens), greedy=temperature == 0)
   if placement is None:
-    # Explicit transfers: the training loop runs its evals under host<->device transfer guards.
+    # Explicit transfers only: callers may run this under jax.transfer_guard (tests do).
     args = jax.device_put((tokens, seg, pos, lengths, *scalars))
     out, n_valid = jax.device_get(_generate_ids(cfg, params, *args, **static))
   else:

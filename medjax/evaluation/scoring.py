@@ -71,7 +71,7 @@ def jitted_scorer(placement):
 def _run_scores(cfg, params, arrays, placement):
   """(token log-probs, next log-probs) on the host for one padded batch."""
   if placement is None:
-    # Explicit transfers: the training loop runs its evals under host<->device transfer guards.
+    # Explicit transfers only: callers may run this under jax.transfer_guard (tests do).
     lp, nxt = _score_batch_jit(cfg, params, *jax.device_put(arrays))
     return jax.device_get((lp, nxt))
   lp, nxt = jitted_scorer(placement)(cfg, params, *map(placement.rows, arrays))

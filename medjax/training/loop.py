@@ -165,10 +165,11 @@ def main(c, workdir: str) -> dict:
         except StopIteration:
           _log("data exhausted")
           break
-        # Only explicit copies inside the step: an implicit host<->device transfer there
-        # (a numpy array slipping into the jitted call) would be a silent slowdown.
+        batch = distributed.global_batch(local, mesh, batch_sharding)  # the one copy in
+        # No other host<->device copy in the step: an implicit one (a numpy array slipping
+        # into the jitted call, a value fetched from it) would be a silent slowdown.
         with _host_transfers_disallowed():
-          state, m = train(state, distributed.global_batch(local, mesh, batch_sharding))
+          state, m = train(state, batch)
         step += 1
         stop = preempt.reached(step)
         pending.append(m)  # fetched every log_every steps, so the host never waits per step
@@ -184,8 +185,7 @@ def main(c, workdir: str) -> dict:
                             extra=mix)
         evals = {}
         if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
-          with _host_transfers_disallowed():  # the evals copy explicitly too
-            evals = run_eval(state["params"])
+          evals = run_eval(state["params"])
           logger.log_eval(step, evals)
           last.update(evals)
           logger.reset_clock()  # tokens/s and MFU measure training, not evaluation
