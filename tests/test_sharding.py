@@ -75,16 +75,17 @@ def flat_np(tree, prefix: str) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- worker (8 devices)
 
 
-def work_parity(out: str, mesh_shape: str):
-  """One jitted train step per scan mode, with plain SGD(lr=1) so that old - new = grads."""
+def work_parity(out: str, mesh_shapes: str):
+  """One jitted train step per mesh ("8x1x1,1x8x1,...") and scan mode, with plain SGD(lr=1)
+  so that old - new = grads: every mesh in one process (one start-up, not four)."""
   from medjax.training import step as step_lib, state as state_lib
   import jax
   import optax
   from medjax.model import llama as model
   from medjax.parallel import sharding
-  mesh = sharding.make_mesh(*map(int, mesh_shape.split("x")))
-  arrays = {}
-  for scan in (False, True):
+  arrays, specs = {}, {}
+  for mesh_shape, scan in ((m, scan) for m in mesh_shapes.split(",") for scan in (False, True)):
+    mesh = sharding.make_mesh(*map(int, mesh_shape.split("x")))
     cfg = tiny(scan)
     params = model.init_params(cfg, jax.random.PRNGKey(0))
     before = flat_np(params, "p")
@@ -92,13 +93,15 @@ def work_parity(out: str, mesh_shape: str):
     state, ssh = state_lib.shard_params_state(params, cfg, opt, mesh)
     step = step_lib.jit_train_step(cfg, opt, optax.constant_schedule(1.0), mesh, ssh)
     state, metrics = step(state, make_batch(cfg))
-    tag = "scan" if scan else "noscan"
+    tag = f"{mesh_shape}/{'scan' if scan else 'noscan'}"
     arrays[f"{tag}/loss"] = np.asarray(metrics["loss"])
     arrays[f"{tag}/gnorm"] = np.asarray(metrics["grad_norm"])
     for k, v in flat_np(state["params"], "p").items():
       arrays[f"{tag}/grad/{k[2:]}"] = before[k] - v
+    if scan:
+      specs[mesh_shape] = str(state["params"]["layers"]["attn"]["q"]["w"].sharding.spec)
   np.savez(out, **arrays)
-  return {"q_spec": str(state["params"]["layers"]["attn"]["q"]["w"].sharding.spec)}
+  return {"q_spec": specs}
 
 
 def work_layout(out: str):
@@ -223,13 +226,19 @@ def single_ref():
   return out
 
 
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+  """The parity worker's arrays and facts, every mesh of MESHES in one 8-device process."""
+  out = tmp_path_factory.mktemp("parity") / "parity.npz"
+  facts = run_with_devices(["parity", out, ",".join("x".join(map(str, m)) for m in MESHES)])
+  return np.load(out), facts
+
+
 @pytest.mark.parametrize("mesh", ["x".join(map(str, m)) for m in MESHES])
-def test_sharded_loss_and_grads_equal_single_device(tmp_path, single_ref, mesh):
-  out = tmp_path / "parity.npz"
-  facts = run_with_devices(["parity", out, mesh])
-  got = np.load(out)
+def test_sharded_loss_and_grads_equal_single_device(parity, single_ref, mesh):
+  got, facts = parity
   for scan in (False, True):
-    tag, ref = ("scan" if scan else "noscan"), single_ref[scan]
+    tag, ref = f"{mesh}/{'scan' if scan else 'noscan'}", single_ref[scan]
     np.testing.assert_allclose(got[f"{tag}/loss"], ref["loss"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[f"{tag}/gnorm"], ref["gnorm"], rtol=1e-5, atol=1e-5)
     for k, g in ref["grads"].items():
@@ -239,7 +248,7 @@ def test_sharded_loss_and_grads_equal_single_device(tmp_path, single_ref, mesh):
   # The updated params keep the rules' layout (out_shardings of the step).
   want = {"8x1x1": "P(None, None, None, None)", "1x8x1": "P(None, 'fsdp', None, None)",
           "2x2x2": "P(None, 'fsdp', 'tensor', None)", "1x2x4": "P(None, 'fsdp', 'tensor', None)"}
-  assert facts["q_spec"] == want[mesh]
+  assert facts["q_spec"][mesh] == want[mesh]
 
 
 @pytest.fixture(scope="module")
@@ -328,12 +337,6 @@ def test_sharded_import_equals_unsharded(tmp_path):
   assert facts["q_spec"] == "P('fsdp', 'tensor', None)"
 
 
-if __name__ == "__main__":
-  kind, out, *rest = sys.argv[1:]
-  fn = {"parity": work_parity, "layout": work_layout, "import": work_import}[kind]
-  print(json.dumps(fn(out, *rest)))
-
-
 @pytest.mark.parametrize("axes,mesh,shape,rules,want", [
     # batch takes both data-parallel axes; a size-1 tensor axis is dropped from the spec.
     (("batch", "length"), (2, 4, 1), (8, 16), None, (("data", "fsdp"), None)),
@@ -354,3 +357,9 @@ def test_logical_to_spec(axes, mesh, shape, rules, want):
   m = None if mesh is None else types.SimpleNamespace(shape=dict(zip(sharding.MESH_AXES, mesh)))
   got = sharding.logical_to_spec(axes, sharding.parse_rules(rules), m, shape)
   assert got == P(*want)
+
+
+if __name__ == "__main__":
+  kind, out, *rest = sys.argv[1:]
+  fn = {"parity": work_parity, "layout": work_layout, "import": work_import}[kind]
+  print(json.dumps(fn(out, *rest)))
