@@ -110,7 +110,7 @@ def test_data_corpus_scale(capsys, tmp_path):
                "4", "--batches", "2", "--tmp", str(tmp_path), "--no-record")
   built = re.search(r"build: ([\d,]+) tokens in .* peak RSS (\d+) MiB", out)
   assert built and int(built[1].replace(",", "")) > 150_000 and int(built[2]) > 0
-  assert re.search(r"first batch \(4 x 256, tfds: build, one process\): [\d.]+ s", out)
+  assert re.search(r"first batch \(4 x 256, tfds: build, one process, JAX_PLATFORMS=cpu\): [\d.]+ s", out)
   assert "0 of 1200 eval questions" in out and "tokens/s" in out
   assert not list(tmp_path.iterdir())  # corpus and build removed
 

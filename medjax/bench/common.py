@@ -127,11 +127,12 @@ finally:
 """
 
 
-def child_peak_rss(python_args: list[str]) -> tuple[float, int, str]:
+def child_peak_rss(python_args: list[str], env: dict | None = None) -> tuple[float, int, str]:
   """(wall s, peak resident bytes, output) of `python -m MOD ...` or `python -c CODE ...`
-  run in a child process; a failure raises with the child's output."""
+  run in a child process (with `env` added to this one's); a failure raises with the
+  child's output."""
   with tempfile.NamedTemporaryFile(suffix=".peak") as peak:
-    env = dict(os.environ, MEDJAX_PEAK_FILE=peak.name)
+    env = dict(os.environ, **(env or {}), MEDJAX_PEAK_FILE=peak.name)
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *python_args], env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

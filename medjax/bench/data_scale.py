@@ -16,6 +16,7 @@ process so its peak RSS is its own:
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -154,8 +155,11 @@ def bench_scale(corpus_tokens: int, tokenizer_path: str, seq_len: int, batch_siz
 
 
 def _first_batch(train: str, tok: str, seq_len: int, batch: int, batches: int) -> dict:
+  # jax on CPU unless the caller chose: the pipeline is host work, and an accelerator
+  # runtime's own memory (libtpu's is ~100 MiB where installed) would hide the pipeline's.
   wall, rss, out = child_peak_rss(["-c", _FIRST_BATCH, train, tok, str(seq_len), str(batch),
-                                   str(batches)])
+                                   str(batches)],
+                                  env={"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
   r = json.loads(out.strip().splitlines()[-1])
   r["wall_s"] = wall
   return r
@@ -180,7 +184,8 @@ def scale_lines(r: dict) -> list[str]:
       f"{b['wall_s']:.1f} s wall with start-up), peak RSS {mib(b['peak_rss'])} "
       f"(the main process: read, pack, write), {mib(b['bytes'])} on disk ({b['bytes'] / b['tokens']:.2f} "
       "bytes/token)",
-      f"first batch ({rows}, tfds: build, one process): {f['first_s']:.2f} s after imports "
+      f"first batch ({rows}, tfds: build, one process, JAX_PLATFORMS="
+      f"{os.environ.get('JAX_PLATFORMS', 'cpu')}): {f['first_s']:.2f} s after imports "
       f"(median of 3 starts, {f['first_range'][0]:.2f}-{f['first_range'][1]:.2f} s; imports "
       f"{f['imports_s']:.1f} s); resume at global batch 1,000,000: next batch in "
       f"{f['resume_s']:.2f} s; then {f['batches'] / f['read_s']:.1f} batches/s = "
