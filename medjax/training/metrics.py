@@ -148,21 +148,29 @@ def mixture_fractions(train_it) -> dict[str, float]:
   return {f"mix/{n}": float(x) / total for n, x in zip(train_it.source_names, counts)}
 
 
-def trim_metrics(workdir: str, step: int) -> None:
-  """Drops `metrics.jsonl` records after `step` (and a line torn by a crash), so a resumed
-  run's log continues the uninterrupted one instead of repeating the steps it lost."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if jax.process_index() != 0 or not os.path.exists(path):
+def records(path: str):
+  """(line, record) for each JSON object line of a metrics file; a line torn by a crash (or
+  anything not an object) is skipped. Nothing when the file does not exist."""
+  if not os.path.exists(path):
     return
-  keep = []
   with open(path) as f:
     for line in f:
       try:
         rec = json.loads(line)
       except ValueError:
         continue
-      if isinstance(rec, dict) and rec.get("step", 0) <= step:
-        keep.append(line if line.endswith("\n") else line + "\n")
+      if isinstance(rec, dict):
+        yield line, rec
+
+
+def trim_metrics(workdir: str, step: int) -> None:
+  """Drops `metrics.jsonl` records after `step` (and a line torn by a crash), so a resumed
+  run's log continues the uninterrupted one instead of repeating the steps it lost."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  keep = [line if line.endswith("\n") else line + "\n"
+          for line, rec in records(path) if rec.get("step", 0) <= step]
   with open(path + ".tmp", "w") as f:
     f.writelines(keep)
   os.replace(path + ".tmp", path)

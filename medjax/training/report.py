@@ -20,6 +20,7 @@ import os
 import statistics
 
 from medjax.errors import CheckpointError
+from medjax.training import metrics
 from medjax.training.metrics import METRICS_FILE
 from medjax.training.report_format import Doc
 
@@ -51,18 +52,10 @@ class Run:
 
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
   """(train rows, eval rows) of a workdir's metrics.jsonl; a line torn by a crash is skipped."""
-  path = os.path.join(workdir, METRICS_FILE)
   train, evals = [], []
-  if not os.path.exists(path):
-    return train, evals
-  with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(rec, dict) and "step" in rec:
-        (train if "loss" in rec else evals).append(rec)
+  for _, rec in metrics.records(os.path.join(workdir, METRICS_FILE)):
+    if "step" in rec:
+      (train if "loss" in rec else evals).append(rec)
   return train, evals
 
 
@@ -181,6 +174,17 @@ def _boundaries(ax, runs: list[Run]) -> None:
       ax.axvline(r.offset, color="0.6", lw=0.8, ls=":")
 
 
+def _save(plt, fig, axes, runs: list[Run], out_png: str) -> str:
+  """Stage boundaries and a legend on every panel, then the figure to `out_png`."""
+  for a in axes:
+    _boundaries(a, runs)
+    a.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return out_png
+
+
 def plot_losses(runs: list[Run], out_png: str) -> str:
   """Train loss (with validation loss as markers) and learning rate against steps."""
   plt = _pyplot()
@@ -197,13 +201,7 @@ def plot_losses(runs: list[Run], out_png: str) -> str:
             label=r.label)
   a1.set(title="loss (nats/token)", xlabel="step", yscale="log")  # CPT starts far above its end
   a2.set(title="learning rate", xlabel="step")
-  for a in (a1, a2):
-    _boundaries(a, runs)
-    a.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=100)
-  plt.close(fig)
-  return out_png
+  return _save(plt, fig, (a1, a2), runs, out_png)
 
 
 def plot_throughput(runs: list[Run], out_png: str) -> str:
@@ -221,13 +219,7 @@ def plot_throughput(runs: list[Run], out_png: str) -> str:
     a2.plot(steps, [100 * x["mfu"] for x in rows], color=col, label=r.label)
   a1.set(title="tokens/s", xlabel="step")
   a2.set(title="MFU %", xlabel="step")
-  for a in (a1, a2):
-    _boundaries(a, runs)
-    a.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=100)
-  plt.close(fig)
-  return out_png
+  return _save(plt, fig, (a1, a2), runs, out_png)
 
 
 def plot_evals(runs: list[Run], keys: list[str], out_png: str) -> str:
@@ -241,12 +233,7 @@ def plot_evals(runs: list[Run], keys: list[str], out_png: str) -> str:
         ax.plot([r.offset + e["step"] for e in ev], [e[key] for e in ev], "o-", ms=4,
                 color=f"C{i}", label=r.label)
     ax.set(title=_title(key), xlabel="step")
-    _boundaries(ax, runs)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=100)
-  plt.close(fig)
-  return out_png
+  return _save(plt, fig, axes[0], runs, out_png)
 
 
 # ------------------------------------------------------------------------------ tables
