@@ -5,11 +5,14 @@ run, and bad input (unknown topology or price key)."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medjax import cli
-from medjax.assets import asset_path
+from medjax.assets import asset_path, resolve
 from medjax.checkpoints import hf_config
+from medjax.data import cmexam, from_config, packing
+from medjax.data.tokenizer import load_tokenizer
 from medjax.errors import ConfigError
 from medjax.training import config as runconfig
 from medjax.training import plan
@@ -45,11 +48,20 @@ def test_plan_of_a_config_counts_its_data():
   assert r["flops_per_step"] == pytest.approx(
       cfg.flops_per_token(c.data.seq_len) * r["tokens_per_step"])
   # Counted with the run's tokenizer over the training split of the shipped CMExam sample.
+  # Truncated and "fit"-packed as training does it: the tokens and rows of the run's own
+  # SFT pipeline, and an epoch is those rows.
+  tok = load_tokenizer(plan.tokenizer_path(c))
+  qs, _ = cmexam.read_cmexam(resolve(c.data.train))
+  train, _ = from_config.split_questions(qs, c.data.val_fraction, c.seed)
+  docs = packing.tokenize_sft(train, tok, c.data.seq_len, c.data.with_explanation)
+  n_rows = len(packing.pack(np.diff(docs.offsets), c.data.seq_len, "fit")[1]) - 1
   assert "cmexam questions" in r["data_note"] and 1e5 < r["data_tokens"] < 1e6
-  assert r["epochs"] == pytest.approx(c.total_steps * r["tokens_per_step"] / r["data_tokens"])
+  assert r["data_tokens"] == docs.offsets[-1] and r["data_rows"] == n_rows
+  assert r["data_rows"] * c.data.seq_len > r["data_tokens"]  # padding: rows are not full
+  assert r["epochs"] == pytest.approx(c.total_steps * c.batch_size / n_rows)
   two = plan.plan_run(c, "v5e:2x2", 0.5, 1.2, epochs=2, fit=False)
   assert two["epochs"] == pytest.approx(2, rel=0.05)
-  assert two["steps"] == -(-2 * r["data_tokens"] // r["tokens_per_step"])
+  assert two["steps"] == -(-2 * n_rows // c.batch_size)
   assert two["cost"] / r["cost"] == pytest.approx(two["steps"] / r["steps"])
 
 
@@ -96,3 +108,17 @@ def test_bad_input_is_one_line(args, needle, capsys):
   assert cli.main(["plan", "--config", SFT, "--no-fit", *args]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and needle in err[0], err
+
+
+def test_a_recipe_is_priced_before_its_bucket_exists(capsys):
+  # The TPU recipes name a bucket that is not on this machine: the base becomes its preset,
+  # and the data's tokens are given.
+  args = ["plan", "--config", str(CONFIGS / "llama2_7b_cpt.py"), "--config",
+          str(CONFIGS / "llama2_7b_sft.py"), "--tokens", "1e9", "--tokens", "2.23e7",
+          "--topology", "v5p:2x2x1", "--no-fit"]
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  assert "preset 'llama2-7b' (init_from /gcs/YOUR_BUCKET/medjax/llama2-7b is not here)" in out
+  assert "epochs assume full rows" in out  # SFT tokens given: its rows are not counted
+  rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith("  llama2_7b")}
+  assert rows["llama2_7b_cpt"][4] == "1,000" and rows["llama2_7b_sft"][4] == "1,350"

@@ -89,7 +89,9 @@ def _load_configs(specs: list[str], rest: list[str]):
     mine = [o for o in rest if o.startswith("--config.")] + [
         "--config." + o.split(".", 1)[1] for o in rest if o.startswith(f"--{task}.")]
     c = runconfig.load(spec, mine)
-    runconfig.validate(c)
+    # A recipe is priced before its bucket exists: a base or data not on this machine
+    # is a preset and --tokens (`plan.model_config`, `plan.data_tokens` say so).
+    runconfig.validate(c, paths=False)
     out.append(c)
   return out
 

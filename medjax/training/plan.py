@@ -133,15 +133,18 @@ def tokenizer_path(c) -> str | None:
 # ------------------------------------------------------------------------------ the data
 
 
-def data_tokens(c, sample_bytes: int = SAMPLE_BYTES) -> tuple[float | None, str]:
-  """Tokens of the config's training split and how they were found.
+def data_tokens(c, sample_bytes: int = SAMPLE_BYTES) -> tuple[float | None, str, float | None]:
+  """Tokens of the config's training split, how they were found, and one epoch's rows.
 
-  CPT: BOS + text + EOS per training document; SFT: BOS + prompt + response + EOS per
-  training question (before truncation to seq_len). Validation documents/questions are
-  left out as training leaves them out.
+  CPT: BOS + text + EOS per training document, concat-packed, so an epoch is tokens /
+  seq_len full rows. SFT: BOS + prompt + response + EOS per training question, truncated to
+  seq_len as training truncates it, and "fit"-packed: rows carry padding, so an epoch is
+  counted in rows, packed as training packs them. Validation documents/questions are left
+  out as training leaves them out.
 
   Returns:
-    (tokens, note); tokens is None when they cannot be found here (the note says why).
+    (tokens, note, rows); tokens is None when they cannot be found here (the note says
+    why); rows is None where an epoch is tokens / seq_len (CPT, or not countable here).
   """
   from medjax.data import from_config
   spec = c.data.train
@@ -150,18 +153,18 @@ def data_tokens(c, sample_bytes: int = SAMPLE_BYTES) -> tuple[float | None, str]
   try:
     paths = from_config.paths(spec)
   except DataError as e:
-    return None, f"data.train: {e}"
+    return None, f"data.train: {e}", None
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
-    return None, f"data.train {missing[0]} is not on this machine; pass --tokens"
+    return None, f"data.train {missing[0]} is not on this machine; pass --tokens", None
   tok_path = tokenizer_path(c)
   if tok_path is None:
-    return None, "no tokenizer here (data.tokenizer / init_from); pass --tokens"
+    return None, "no tokenizer here (data.tokenizer / init_from); pass --tokens", None
   from medjax.data.tokenizer import load_tokenizer
   tok = load_tokenizer(tok_path)
   if c.task == "sft":
     return _sft_tokens(c, paths, tok)
-  return _cpt_tokens(c, paths, tok, sample_bytes)
+  return (*_cpt_tokens(c, paths, tok, sample_bytes), None)
 
 
 def _cpt_tokens(c, paths, tok, sample_bytes: int):
@@ -183,16 +186,17 @@ def _cpt_tokens(c, paths, tok, sample_bytes: int):
 
 
 def _sft_tokens(c, paths, tok):
-  from medjax.data import cmexam, tasks
+  import numpy as np
+  from medjax.data import cmexam, packing, tasks
   from medjax.data.from_config import split_questions
   task = tasks.load_task(c.get("exam", ""))
   qs = [q for p in paths for q in cmexam.read_cmexam(p, task)[0]]
   train, _ = split_questions(qs, c.data.val_fraction, c.seed)
-  prompts = tok.encode_batch([cmexam.format_prompt(q) for q in train], bos=True)
-  resp = tok.encode_batch([cmexam.format_response(q, c.data.with_explanation) for q in train],
-                          bos=False, eos=True)
-  n = sum(len(p) + len(r) for p, r in zip(prompts, resp))
-  return float(n), f"counted with {tok.path.name}: {len(train):,} {task.name} questions"
+  docs = packing.tokenize_sft(train, tok, int(c.data.seq_len), c.data.with_explanation)
+  lengths = np.diff(docs.offsets)
+  rows = len(packing.pack(lengths, int(c.data.seq_len), "fit")[1]) - 1
+  return float(lengths.sum()), (f"counted with {tok.path.name}: {len(train):,} {task.name} "
+                                f"questions in {rows:,} packed rows"), float(rows)
 
 
 def _manifest_tokens(built: str):
@@ -202,13 +206,16 @@ def _manifest_tokens(built: str):
     with open(path) as f:
       m = json.load(f)
   except (OSError, ValueError):
-    return None, f"{built}: no token manifest (a text build); pass --tokens"
+    return None, f"{built}: no token manifest (a text build); pass --tokens", None
   for rec in (m.get("splits", {}).get("train"), m.get("train"), m):
     if isinstance(rec, dict):
       for key in ("tokens", "num_tokens"):
         if isinstance(rec.get(key), (int, float)):
-          return float(rec[key]), f"from {path}"
-  return None, f"{path}: no train token count found; pass --tokens"
+          # An SFT build's rows are "fit"-packed at the run's length: an epoch is its rows.
+          rows = rec.get("rows") if m.get("kind") == "sft" else None
+          return (float(rec[key]), f"from {path}",
+                  float(rows) if isinstance(rows, (int, float)) else None)
+  return None, f"{path}: no train token count found; pass --tokens", None
 
 
 # ------------------------------------------------------------------------------ a recipe
@@ -239,21 +246,27 @@ def plan_run(c, topology: str, mfu: float, price: float, tokens: float | None = 
   seq, batch = int(c.data.seq_len), int(c.batch_size)
   tokens_per_step = seq * batch
   flops = cfg.flops_per_token(seq) * tokens_per_step
-  note = "given with --tokens"
+  note, rows = "given with --tokens", None
   if tokens is None:
-    tokens, note = data_tokens(c)
+    tokens, note, rows = data_tokens(c)
+  elif c.task == "sft":
+    note += (" (epochs assume full rows; \"fit\" packing pads SFT rows, so the real count "
+             "is lower: give the data to have its rows counted)")
+  # An epoch in processed tokens: full rows (CPT, concat-packed), or the packed rows (SFT).
+  epoch_tokens = rows * seq if rows else tokens
   # CPT mixes replay rows in: only (1 - replay_weight) of each step is the domain corpus.
   share = 1.0 - (c.data.replay_weight if c.task == "cpt" and c.data.replay else 0.0)
   steps = int(c.total_steps)
   if epochs is not None:
     if not tokens:
       raise ConfigError(f"--epochs needs the data's tokens ({note})")
-    steps = math.ceil(epochs * tokens / (tokens_per_step * share))
+    steps = math.ceil(epochs * epoch_tokens / (tokens_per_step * share))
   out = {"task": c.task, "exam": c.get("exam", "cmexam"), "params": cfg.num_params(),
          "model": model_src, "seq_len": seq, "batch": batch, "steps": steps,
          "tokens_per_step": tokens_per_step, "flops_per_step": flops, "data_tokens": tokens,
-         "data_note": note, "epochs": tokens_per_step * steps * share / tokens if tokens else
-         None, "chips": chips, "fits": None}
+         "data_rows": rows, "data_note": note,
+         "epochs": tokens_per_step * steps * share / epoch_tokens if tokens else None,
+         "chips": chips, "fits": None}
   if fit:
     r = fit_lib.fit_report(cfg, topology, seq, batch, (c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
                            runconfig.rules(c), accum_steps=int(c.accum_steps), cpu=cpu)
