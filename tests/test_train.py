@@ -94,6 +94,8 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
                      capture_output=True, timeout=300, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
   assert "resumed" in r.stdout
+  # Restore and saves log no orbax noise (`checkpoints.orbax_logs`): no absl warning at all.
+  assert "WARNING:absl" not in r.stdout + r.stderr, r.stderr
   a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
   assert sorted(a) == list(range(1, steps + 1)) and sorted(b) == list(range(1, steps + 1))
   assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical on CPU
