@@ -231,3 +231,11 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
   np.testing.assert_array_equal(la, lb)
   base = np.asarray(medjax.load(str(resolve("asset:tinystories-260k")))(toks))
   assert np.abs(la - base).max() > 1e-3  # the trained adapters are in the merged weights
+  # export-hf merges a tensor at a time, the base read from the run's init_from (an HF dir
+  # here), never the whole model: the same model as the whole-model restore + merge above.
+  from medjax.checkpoints import hf_export
+  said = []
+  hf_export.export_hf(str(a), str(tmp_path / "hf"), log=said.append)
+  assert any("merging LoRA adapters into" in m and "tinystories-260k" in m for m in said), said
+  lh = np.asarray(medjax.load(str(tmp_path / "hf"))(toks))
+  assert np.abs(lh - la).max() <= 1e-5 * np.abs(la).max(), np.abs(lh - la).max()

@@ -124,6 +124,77 @@ def bench_export(shapes: list[str], shard_mb: float, workdir: str | None = None,
   return out
 
 
+# The export of a LoRA workdir as it was before the base was streamed: the base rebuilt whole
+# (`sources.restore`), merged, then written. The same function export-hf falls back to.
+_WHOLE_LORA_EXPORT = r"""
+import sys
+from medjax.checkpoints import hf_export, sources
+sources.lora_base_stream = lambda *a: None
+hf_export.export_hf(sys.argv[1], sys.argv[2], dtype=sys.argv[3])
+"""
+
+
+def bench_lora_export(shapes: list[str], rank: int, workdir: str | None = None,
+                      dtype: str = "bfloat16") -> list[dict]:
+  """For each shape: a synthetic HF dir, `import-hf`, two steps of a real LoRA `medjax train`
+  from it (rank `rank`; the checkpoint holds the adapters only), then `export-hf` of that
+  workdir twice, each in its own process: merging a tensor at a time with the base streamed
+  from init_from, and with the base restored whole first (`_WHOLE_LORA_EXPORT`)."""
+  import numpy as np
+  from medjax.checkpoints import convert, safetensors_io
+  from medjax.model import config as config_lib
+  out = []
+  for shape in shapes:
+    cfg = config_lib.LlamaConfig(max_position_embeddings=4096, **IMPORT_SHAPES[shape])
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+      hf, mj, run, a, b = (os.path.join(tmp, d) for d in ("hf", "medjax", "run", "a", "b"))
+      write_synthetic_hf(cfg, hf, 4800 << 20, dtype)
+      child_peak_rss(["-m", "medjax.cli", "import-hf", hf, mj])
+      configs = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpt.py"
+      train_s, train_rss, _ = child_peak_rss([
+          "-m", "medjax.cli", "train", "--config", str(configs), "--workdir", run,
+          f"--config.init_from={mj}", f"--config.model_overrides.lora_rank={rank}",
+          "--config.batch_size=1", "--config.data.seq_len=16",
+          "--config.data.tokenizer=asset:tinystories-260k/tokenizer.model",
+          "--config.eval_every=0", "--config.checkpoint_every=2", "--config.total_steps=2",
+          "--config.optim.warmup_steps=0", "--config.optim.lr=0.01"])  # adapters move
+      s_s, s_rss, _ = child_peak_rss(["-m", "medjax.cli", "export-hf", run, a, "--dtype", dtype])
+      w_s, w_rss, _ = child_peak_rss(["-c", _WHOLE_LORA_EXPORT, run, b, dtype])
+      diff = moved = 0.0
+      read = lambda d, f, k: safetensors_io.read_tensor(
+          os.path.join(d, f), k, *safetensors_io.read_header(os.path.join(d, f))
+      ).astype(np.float32)
+      base_file = {k: os.path.basename(f) for f in convert.find_weight_files(hf)
+                   for k in safetensors_io.read_header(f)[0]}
+      for f in convert.find_weight_files(a):
+        f = os.path.basename(f)
+        for k in safetensors_io.read_header(os.path.join(a, f))[0]:
+          x, y = read(a, f, k), read(b, f, k)
+          diff = max(diff, float(np.abs(x - y).max()))
+          moved = max(moved, float(np.abs(x - read(hf, base_file[k], k)).max()))
+    out.append({"shape": shape, "layers": cfg.num_hidden_layers, "params": cfg.num_params(),
+                "rank": rank, "dtype": dtype, "train_s": train_s, "train_rss": train_rss,
+                "stream_s": s_s, "stream_rss": s_rss, "whole_s": w_s, "whole_rss": w_rss,
+                "max_diff": diff, "moved": moved})
+  return out
+
+
+def lora_export_lines(rows: list[dict]) -> list[str]:
+  gib = lambda b: f"{b / (1 << 30):.2f} GiB"
+  lines = [f"export-hf of a LoRA workdir (rank {rows[0]['rank']}, two real training steps from "
+           f"an imported synthetic model; the checkpoint holds adapters only; {rows[0]['dtype']}"
+           " out), each command a process of its own",
+           "| shape | layers | params | base streamed: wall, peak RSS | base restored whole: "
+           "wall, peak RSS | RSS ratio | largest difference between the two | largest change "
+           "from the base (the adapters) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['shape']} | {r['layers']} | {r['params'] / 1e9:.2f}B | "
+                 f"{r['stream_s']:.0f} s, {gib(r['stream_rss'])} | {r['whole_s']:.0f} s, "
+                 f"{gib(r['whole_rss'])} | {r['stream_rss'] / r['whole_rss']:.2f}x | "
+                 f"{r['max_diff']:.3g} | {r['moved']:.3g} |")
+  return lines
+
+
 def _same_files(a: str, b: str) -> bool:
   """Every tensor of HF dir `a` equals `b`'s, bit for bit (read one tensor at a time)."""
   import numpy as np

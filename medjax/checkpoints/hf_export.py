@@ -33,8 +33,9 @@ def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool =
 
   Tensors are streamed one at a time (one layer of a stacked param at a time) out of the
   model dir or the workdir's newest good checkpoint, whatever wrote it (one process or
-  many), so host memory holds about one tensor, not the model. A LoRA run's adapters are
-  merged into their base first, which restores the model.
+  many), so host memory holds about one tensor, not the model. A LoRA model's adapters are
+  merged into their base a tensor at a time; only a base that is not a model dir or an HF
+  dir (random init, another workdir) is rebuilt whole first.
   """
   if dtype not in _DTYPES:
     raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
@@ -52,10 +53,15 @@ def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool =
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
 
-  if cfg.lora_rank:
+  # A LoRA model is exported merged (PyTorch users get a plain Llama or Qwen2 model): the
+  # adapters come from the checkpoint, the base from the same model dir or, for a workdir
+  # (adapters only), from the run's init_from.
+  scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+  adapters_only = cfg.lora_rank and not modeldir.is_model_dir(src)
+  base = sources.lora_base_stream(src, cfg) if adapters_only else None
+  if adapters_only and base is None:  # a base that cannot be streamed: rebuilt whole
     start()
-    params = sources.restore(src, cfg)
-    params, cfg = lora.merge(params, cfg)  # PyTorch users get a plain Llama or Qwen2 model
+    params, cfg = lora.merge(sources.restore(src, cfg), cfg)
     flat = params_lib.flatten(params_lib.unstack_layers(params) if cfg.scan_layers else params)
     # One tensor at a time goes device -> host -> file.
     convert.write_hf_weights(cfg, tmp, lambda p: modeldir.host(flat[p]), np_dtype,
@@ -63,8 +69,12 @@ def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool =
   else:
     for params in stream.candidates(src):
       start()
+      if cfg.lora_rank:
+        params = stream.LoraMerged(base or params, params, scale)
+        log(f"merging LoRA adapters into {getattr(base, 'where', src)}, a tensor at a time")
       try:
-        convert.write_hf_weights(cfg, tmp, params.get, np_dtype, max_shard_bytes)
+        convert.write_hf_weights(cfg.replace(lora_rank=0), tmp, params.get, np_dtype,
+                                 max_shard_bytes)
         params.finish()
         break
       except CheckpointError as e:  # a damaged step: the one before, as restore does

@@ -89,16 +89,47 @@ def build_model(init_from: str, preset: str, overrides: dict, seed: int, place=N
   return cfg, params, tok
 
 
-def _with_lora_base(run_dir: str, adapters: dict) -> dict:
-  """A LoRA run's checkpoint holds only adapters: rebuild its base as training did (from
-  the run's saved config and `init_from`) and put the trained adapters on it."""
+def lora_base_stream(run_dir: str, cfg: LlamaConfig):
+  """The frozen base of a LoRA workdir as a per-layer tensor stream (`stream.ParamStream`
+  of a model dir, `stream.HFParams` of an HF dir), for export without restoring the model;
+  None where the base must be rebuilt whole (random init, another workdir, a LoRA base),
+  as `_with_lora_base` does. The base's shapes must be the run's."""
+  from medjax.checkpoints import hf_config, stream
+  c = _run_config(run_dir)
+  src = resolve(c["init_from"]) if c.get("init_from") else ""
+  if not src or not os.path.isdir(src):
+    return None
+  if modeldir.is_model_dir(src):
+    bcfg, base = modeldir.load_config(src), next(stream.candidates(src))
+  elif os.path.exists(os.path.join(src, "config.json")):
+    bcfg = hf_config.load_hf_config(src)
+    base = stream.HFParams(bcfg, src)
+  else:
+    return None
+  if bcfg.lora_rank:
+    return None
+  # Every tensor's shape is checked again as it is written (`safetensors_io.write_file`).
+  want = cfg.replace(lora_rank=0).num_params()
+  if bcfg.num_params() != want or bcfg.vocab_size != cfg.vocab_size:
+    raise CheckpointError(f"{run_dir}: the LoRA run's base {src} is not the model it "
+                          f"trained ({bcfg.num_params():,} vs {want:,} params)")
+  return base
+
+
+def _run_config(run_dir: str) -> dict:
   path = os.path.join(run_dir, "run_config.json")
   try:
     with open(path) as f:
-      c = json.load(f)
+      return json.load(f)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot read the LoRA run's config, needed to rebuild its "
                           f"base weights ({e})") from None
+
+
+def _with_lora_base(run_dir: str, adapters: dict) -> dict:
+  """A LoRA run's checkpoint holds only adapters: rebuild its base as training did (from
+  the run's saved config and `init_from`) and put the trained adapters on it."""
+  c = _run_config(run_dir)
   try:
     cfg, params, _ = build_model(c.get("init_from", ""), c.get("model", "tiny"),
                                  c.get("model_overrides", {}), c.get("seed", 0))

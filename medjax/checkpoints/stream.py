@@ -37,6 +37,11 @@ class ParamStream:
     self._fp: dict[str, reader.Fingerprint] = {}
     self._next: dict[str, int] = {}  # stacked path -> next layer expected in order
 
+  def has(self, path: str) -> bool:
+    m = _LAYER.fullmatch(path)
+    return path in self.arrays.paths or (m is not None and
+                                         f"layers/{m.group(2)}" in self.arrays.paths)
+
   def get(self, path: str) -> np.ndarray:
     if path in self.arrays.paths:
       x = self.arrays.read(path)
@@ -71,6 +76,54 @@ class ParamStream:
       if whole and path in self.want and fp.value != self.want[path]:
         raise CheckpointError(f"{self.where}: {path} differs from the fingerprint written "
                               "at save time")
+
+
+class LoraMerged:
+  """A LoRA model's plain weights, one per-layer tensor at a time: W + (alpha/r)·A@B, with W
+  from `base` and the adapters from `adapters` (one stream for a model dir holding both; a
+  LoRA workdir's checkpoint holds the adapters only, its base is the run's `init_from`).
+  The same sum as `lora.merge`, per layer, so export never holds the model.
+  """
+
+  def __init__(self, base, adapters: ParamStream, scale: float):
+    self.base, self.adapters, self.scale = base, adapters, scale
+    self.where = adapters.where
+
+  def get(self, path: str) -> np.ndarray:
+    w = self.base.get(path)
+    stem = path[:-1] if path.endswith("/w") else None
+    if stem is None or not self.adapters.has(stem + "lora_a"):
+      return w
+    a = self.adapters.get(stem + "lora_a").astype(np.float32)  # [in..., R]
+    b = self.adapters.get(stem + "lora_b").astype(np.float32)  # [R, out...]
+    delta = a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)
+    if delta.size != w.size:
+      raise CheckpointError(f"{self.where}: adapters of {path} give {delta.shape}, the base "
+                            f"weight is {w.shape}")
+    return (w.astype(np.float32) + self.scale * delta.reshape(w.shape)).astype(w.dtype)
+
+  def finish(self) -> None:
+    self.adapters.finish()
+    if self.base is not self.adapters:
+      self.base.finish()
+
+
+class HFParams:
+  """get(per-layer path) of an HF dir's weights, one tensor read at a time (a LoRA run's
+  base given as an HF dir)."""
+
+  def __init__(self, cfg, hf_dir: str):
+    from medjax.checkpoints import convert
+    self._convert, self.cfg, self.where = convert, cfg, hf_dir
+    self._index = convert.index_hf_params(cfg, hf_dir)
+
+  def get(self, path: str) -> np.ndarray:
+    if path not in self._index:
+      raise CheckpointError(f"{self.where}: no tensor for {path}")
+    return self._convert.read_hf_param(self.cfg, self._index[path])
+
+  def finish(self) -> None:
+    pass
 
 
 def candidates(src: str) -> Iterator[ParamStream]:

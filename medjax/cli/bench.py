@@ -37,7 +37,8 @@ from medjax.bench.common import RESULTS, record
 from medjax.bench.fit_table import bench_fit, fit_lines
 from medjax.bench.generate import bench_generate, generate_lines
 from medjax.bench.hf_import import (IMPORT_SHAPES, bench_export, bench_import,
-                                    export_lines, import_lines)
+                                    bench_lora_export, export_lines, import_lines,
+                                    lora_export_lines)
 from medjax.bench.models import SHAPES, make_shape
 from medjax.bench.safetensors_read import bench_safetensors, safetensors_lines
 from medjax.bench.scaling import bench_scaling, scaling_lines
@@ -144,6 +145,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                  help=f"comma-separated shapes among {', '.join(IMPORT_SHAPES)}")
   e.add_argument("--shard-mb", type=Float(gt=0), default=4800, help="HF shard size (MiB)")
   e.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+  e.add_argument("--lora-rank", type=Int(ge=1), default=None,
+                 help="instead: export a LoRA workdir (two real training steps from the "
+                 "imported model), base streamed vs restored whole")
   path(e, "--tmp", kind=WORKDIR, help="where to write the checkpoints (default $TMPDIR; "
        "~20 GB)")
 
@@ -225,8 +229,12 @@ def run(args: argparse.Namespace) -> int:
     if bad:
       from medjax.errors import ConfigError
       raise ConfigError(f"--sizes {bad[0]!r}: expected among {', '.join(IMPORT_SHAPES)}")
-    record(args, f"export --sizes {args.sizes}",
-           export_lines(bench_export(sizes, args.shard_mb, args.tmp, args.dtype)))
+    if args.lora_rank:
+      record(args, f"export --sizes {args.sizes} --lora-rank {args.lora_rank}",
+             lora_export_lines(bench_lora_export(sizes, args.lora_rank, args.tmp, args.dtype)))
+    else:
+      record(args, f"export --sizes {args.sizes}",
+             export_lines(bench_export(sizes, args.shard_mb, args.tmp, args.dtype)))
   elif cmd == "safetensors":
     r = bench_safetensors(args.tensors, args.tensor_mib, args.reps, args.tmp)
     record(args, "safetensors", safetensors_lines(r))
