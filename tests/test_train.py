@@ -239,3 +239,24 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
   assert any("merging LoRA adapters into" in m and "tinystories-260k" in m for m in said), said
   lh = np.asarray(medjax.load(str(tmp_path / "hf"))(toks))
   assert np.abs(lh - la).max() <= 1e-5 * np.abs(la).max(), np.abs(lh - la).max()
+
+
+def test_lora_on_a_cpt_workdir_exports_with_the_base_streamed(tmp_path):
+  """The recipe's shape: LoRA SFT-style training on a CPT workdir. export-hf reads the base
+  from that workdir's newest checkpoint a tensor at a time; same model as `medjax.load`."""
+  import medjax
+  from medjax.checkpoints import hf_export
+  c = lambda **kw: runconfig.load(str(CONFIGS / "tiny_cpt.py"), _overrides(tmp_path, steps=2,
+                                                                           **kw))
+  train.main(c(init_from="asset:tinystories-260k"), str(tmp_path / "cpt"))
+  train.main(c(**{"init_from": str(tmp_path / "cpt"), "model_overrides.lora_rank": 4,
+                  "optim.lr": 0.05, "optim.warmup_steps": 0}), str(tmp_path / "lora"))
+  said = []
+  hf_export.export_hf(str(tmp_path / "lora"), str(tmp_path / "hf"), log=said.append)
+  assert any(f"merging LoRA adapters into {tmp_path / 'cpt'}" in m for m in said), said
+  toks = np.arange(1, 9, dtype=np.int32)[None]
+  want = np.asarray(medjax.load(str(tmp_path / "lora"))(toks))
+  cpt = np.asarray(medjax.load(str(tmp_path / "cpt"))(toks))
+  assert np.abs(want - cpt).max() > 1e-3  # the adapters matter
+  got = np.asarray(medjax.load(str(tmp_path / "hf"))(toks))
+  assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), np.abs(got - want).max()

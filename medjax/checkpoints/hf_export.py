@@ -34,8 +34,8 @@ def export_hf(ckpt: str, out_dir: str, dtype: str = "float32", overwrite: bool =
   Tensors are streamed one at a time (one layer of a stacked param at a time) out of the
   model dir or the workdir's newest good checkpoint, whatever wrote it (one process or
   many), so host memory holds about one tensor, not the model. A LoRA model's adapters are
-  merged into their base a tensor at a time; only a base that is not a model dir or an HF
-  dir (random init, another workdir) is rebuilt whole first.
+  merged into their base a tensor at a time; only a random-init base or a LoRA run's
+  workdir as base is rebuilt whole first (`sources.lora_base_stream`).
   """
   if dtype not in _DTYPES:
     raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")

@@ -91,23 +91,25 @@ def build_model(init_from: str, preset: str, overrides: dict, seed: int, place=N
 
 def lora_base_stream(run_dir: str, cfg: LlamaConfig):
   """The frozen base of a LoRA workdir as a per-layer tensor stream (`stream.ParamStream`
-  of a model dir, `stream.HFParams` of an HF dir), for export without restoring the model;
-  None where the base must be rebuilt whole (random init, another workdir, a LoRA base),
-  as `_with_lora_base` does. The base's shapes must be the run's."""
+  of a model dir or of a workdir's newest readable checkpoint, `stream.HFParams` of an HF
+  dir), for export without restoring the model; None where the base must be rebuilt whole
+  (random init, a LoRA run's workdir), as `_with_lora_base` does. The base's shapes must be
+  the run's."""
   from medjax.checkpoints import hf_config, stream
   c = _run_config(run_dir)
   src = resolve(c["init_from"]) if c.get("init_from") else ""
   if not src or not os.path.isdir(src):
     return None
-  if modeldir.is_model_dir(src):
-    bcfg, base = modeldir.load_config(src), next(stream.candidates(src))
-  elif os.path.exists(os.path.join(src, "config.json")):
+  if os.path.exists(os.path.join(src, "config.json")) and not modeldir.is_model_dir(src):
     bcfg = hf_config.load_hf_config(src)
     base = stream.HFParams(bcfg, src)
-  else:
-    return None
-  if bcfg.lora_rank:
-    return None
+  else:  # a model dir, or a workdir's newest readable checkpoint (as training restored it)
+    if not (modeldir.is_model_dir(src) or workdir.latest_model_dir(src)):
+      return None
+    bcfg = modeldir.load_config(src)
+    base = next((s for s in stream.candidates(src) if isinstance(s, stream.ParamStream)), None)
+    if base is None or bcfg.lora_rank:  # LoRA on LoRA: merged whole, as training did
+      return None
   # Every tensor's shape is checked again as it is written (`safetensors_io.write_file`).
   want = cfg.replace(lora_rank=0).num_params()
   if bcfg.num_params() != want or bcfg.vocab_size != cfg.vocab_size:
