@@ -208,7 +208,7 @@ def test_run_config_errors(tmp_path, kw, needle):
     train.main(c, str(tmp_path / "w"))
 
 
-def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
+def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, monkeypatch):
   """LoRA: checkpoints leave out the frozen base; resume and load rebuild it from init_from."""
   import shutil
   import medjax
@@ -239,6 +239,22 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
   assert any("merging LoRA adapters into" in m and "tinystories-260k" in m for m in said), said
   lh = np.asarray(medjax.load(str(tmp_path / "hf"))(toks))
   assert np.abs(lh - la).max() <= 1e-5 * np.abs(la).max(), np.abs(lh - la).max()
+  # On a mesh the base is read straight onto the model's shardings (less the adapters'),
+  # not whole onto one device first.
+  from medjax.checkpoints import hf_import
+  from medjax.parallel import sharding
+  placed, real = [], hf_import.import_hf
+
+  def spy(*args, shardings_fn=None, **kw):
+    fn = shardings_fn and (lambda c: placed.append(shardings_fn(c)) or placed[-1])
+    return real(*args, shardings_fn=fn, **kw)
+
+  monkeypatch.setattr(hf_import, "import_hf", spy)
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  lm = np.asarray(medjax.load(str(a), mesh=mesh)(toks))
+  assert placed and placed[0] is not None
+  assert not any(lora.is_lora_path(k) for k in flatten(placed[0]))
+  np.testing.assert_allclose(lm, la, rtol=1e-5, atol=1e-5 * np.abs(la).max())
 
 
 def test_lora_on_a_cpt_workdir_exports_with_the_base_streamed(tmp_path):

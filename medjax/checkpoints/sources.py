@@ -128,13 +128,24 @@ def _run_config(run_dir: str) -> dict:
                           f"base weights ({e})") from None
 
 
-def _with_lora_base(run_dir: str, adapters: dict) -> dict:
+def _with_lora_base(run_dir: str, adapters: dict, shardings=None) -> dict:
   """A LoRA run's checkpoint holds only adapters: rebuild its base as training did (from
-  the run's saved config and `init_from`) and put the trained adapters on it."""
+  the run's saved config and `init_from`) and put the trained adapters on it. With the
+  model's `shardings` the base is read straight onto them (a pod's eval never holds it on
+  one device)."""
   c = _run_config(run_dir)
+
+  def place(bcfg):  # the model's shardings less the adapters', when they are the base's tree
+    if shardings is None:
+      return None
+    flat = {k: v for k, v in params_lib.flatten(shardings).items() if not lora.is_lora_path(k)}
+    want = params_lib.flatten(jax.eval_shape(lambda: llama.init_params(
+        bcfg.replace(lora_rank=0), jax.random.PRNGKey(0))))
+    return params_lib.unflatten(flat) if flat.keys() == want.keys() else None
+
   try:
     cfg, params, _ = build_model(c.get("init_from", ""), c.get("model", "tiny"),
-                                 c.get("model_overrides", {}), c.get("seed", 0))
+                                 c.get("model_overrides", {}), c.get("seed", 0), place)
     if params is None:  # random init: the same draw as the run's (seed-determined)
       params = llama.init_params(cfg, jax.random.PRNGKey(c.get("seed", 0)))
   except Exception as e:

@@ -32,8 +32,9 @@ def restore_workdir_params(workdir: str, cfg: LlamaConfig, shardings=None,
                            lora_base=None) -> dict:
   """Params of the newest restorable checkpoint in a workdir (optimizer state not read).
 
-  lora_base(workdir, adapters) -> full params: a LoRA run's checkpoints hold only its
-  adapters; this rebuilds the frozen base they sit on (`sources.restore` passes it).
+  lora_base(workdir, adapters, shardings) -> full params: a LoRA run's checkpoints hold
+  only its adapters; this rebuilds the frozen base they sit on, read straight onto
+  `shardings` when given (`sources.restore` passes it).
   """
   d = os.path.join(workdir, CKPT_DIR)
   steps = sorted((int(s) for s in os.listdir(d) if s.isdigit()), reverse=True)
@@ -64,7 +65,7 @@ def restore_workdir_params(workdir: str, cfg: LlamaConfig, shardings=None,
       if all(lora.is_lora_path(k) for k in params_lib.flatten(params)):  # adapters only
         if lora_base is None:
           raise CheckpointError(f"{workdir}: holds LoRA adapters only; its base is needed")
-        params = lora_base(workdir, params)
+        params = lora_base(workdir, params, shardings)
       params = params_lib.to_layout(params, cfg)
       params_lib.check_shapes(params, cfg, sdir)
       return jax.device_put(params, shardings) if shardings is not None else params
