@@ -10,6 +10,7 @@
   medjax bench data --corpus-tokens 1e8            # tokenized build: build, first batch, RSS
   medjax bench import                              # HF -> medjax of a ~1 GB model: time, RSS
   medjax bench export                              # import + export at 70B width, 1 vs 3 layers
+  medjax bench export --lora-rank 8 --sizes 1gb    # a LoRA workdir: base streamed vs whole
   medjax bench safetensors                         # medjax's reader vs the safetensors package
   medjax bench fit                                 # `medjax fit` on the paper's TPU slices
   medjax bench scaling                             # tokens/s vs sequence length and width
@@ -138,7 +139,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                  help="dtype of the synthetic HF files")
 
   e = sub.add_parser("export", help="import-hf + export-hf at Llama-2-70B width, 1 vs 3 layers: "
-                     "peak RSS must not grow with depth")
+                     "peak RSS must not grow with depth; --lora-rank: a LoRA workdir's export, "
+                     "base streamed vs restored whole")
   common(e, shape=None)
   e.add_argument("--sizes", default="70b-1,70b-3", type=Text(check=_import_shapes,
                  what=f"shapes among {','.join(IMPORT_SHAPES)}"),
