@@ -139,9 +139,9 @@ def test_import_peak_does_not_grow_with_depth(tmp_path):
 def test_lora_export_streams_the_base(tmp_path):
   """A LoRA workdir (adapters only) exported with its base streamed from init_from equals
   the whole-model restore + merge, the adapters change the weights, and the streamed export
-  holds less (the "small" shape: 36 MiB of f32 weights, whole, on top of jax's restore)."""
+  holds less (at the tiny shape, jax's restore machinery alone is ~150 MiB more)."""
   from medjax.bench.hf_import import bench_lora_export
-  r = bench_lora_export(["small"], 4, str(tmp_path), "float32")[0]
+  r = bench_lora_export(["tiny"], 4, str(tmp_path), "float32")[0]
   assert r["moved"] > 1e-3, r  # two training steps moved the adapters
   assert r["max_diff"] <= 1e-6 * max(r["moved"], 1.0), r
   assert 0 < r["stream_rss"] < r["whole_rss"] - (30 << 20), r
