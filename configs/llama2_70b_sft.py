@@ -6,7 +6,7 @@
 
 The argument is the root folder (the bucket, mounted with gcsfuse) holding the imported model,
 data and runs; fields can still be overridden with --config.FIELD=VALUE. Settings and their
-reasons: medjax/recipes.py.
+reasons: medjax/training/recipes.py.
 """
 
 from medjax.training import recipes

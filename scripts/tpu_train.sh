@@ -5,7 +5,7 @@
 #
 # CONFIG  a config file here; it is copied to each worker (through the bucket). Without
 #         :ARG the bucket root ($MOUNT/$PREFIX) is passed: configs/llama2_*.py read the model,
-#         data and runs from it (medjax/recipes.py).
+#         data and runs from it (medjax/training/recipes.py).
 # RUN     a run name (workdir $MOUNT/$PREFIX/runs/RUN), a worker path, or gs://BUCKET/...
 #         (the same place through the mount). Rerunning with the same RUN resumes it.
 # Env: JAX_COMPILATION_CACHE_DIR (default $MOUNT/$PREFIX/jax_cache, shared and kept across
