@@ -7,7 +7,6 @@ output) or a training workdir (its newest good checkpoint); these functions acce
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +66,7 @@ def load(path: str, mesh: Mesh | None = None, rules=None, **overrides) -> Loaded
   placement = None if mesh is None else Placement(mesh, sharding.parse_rules(rules))
   place = (lambda cfg: None) if mesh is None else (
       lambda cfg: params_lib.param_shardings(cfg, mesh, placement.rules))
-  if os.path.exists(os.path.join(path, "config.json")) and not modeldir.is_model_dir(path):
+  if modeldir.is_hf_dir(path):
     cfg, params = hf_import.import_hf(path, scan_layers=overrides.pop("scan_layers", False),
                                       shardings_fn=place)
     tok = hf_import.checked_tokenizer(path, cfg)

@@ -62,6 +62,11 @@ def is_model_dir(path: str) -> bool:
       os.path.join(path, PARAMS))
 
 
+def is_hf_dir(path: str) -> bool:
+  """A Hugging Face model dir (config.json), not a medjax one."""
+  return os.path.exists(os.path.join(path, "config.json")) and not is_model_dir(path)
+
+
 def load_config(path: str) -> LlamaConfig:
   p = os.path.join(path, MODEL_CONFIG)
   if not os.path.exists(p):

@@ -66,7 +66,7 @@ def build_model(init_from: str, preset: str, overrides: dict, seed: int, place=N
                       "with gcsfuse and pass /gcs/BUCKET/... (scripts/tpu_install.sh does)")
   if not os.path.exists(src):
     raise ConfigError(f"init_from={init_from!r}: {src} does not exist")
-  if os.path.exists(os.path.join(src, "config.json")) and not modeldir.is_model_dir(src):
+  if modeldir.is_hf_dir(src):
     cfg, params = hf_import.import_hf(src, scan_layers=over.get("scan_layers", True),
                                       shardings_fn=place)
   else:
@@ -100,7 +100,7 @@ def lora_base_stream(run_dir: str, cfg: LlamaConfig):
   src = resolve(c["init_from"]) if c.get("init_from") else ""
   if not src or not os.path.isdir(src):
     return None
-  if os.path.exists(os.path.join(src, "config.json")) and not modeldir.is_model_dir(src):
+  if modeldir.is_hf_dir(src):
     bcfg = hf_config.load_hf_config(src)
     base = stream.HFParams(bcfg, src)
   else:  # a model dir, or a workdir's newest readable checkpoint (as training restored it)

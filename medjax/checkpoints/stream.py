@@ -18,6 +18,7 @@ import numpy as np
 from medjax.checkpoints import modeldir, reader
 from medjax.checkpoints.manager import CKPT_DIR
 from medjax.errors import CheckpointError
+from medjax.model import lora
 
 _LAYER = re.compile(r"layers_(\d+)/(.*)")
 
@@ -94,13 +95,11 @@ class LoraMerged:
     stem = path[:-1] if path.endswith("/w") else None
     if stem is None or not self.adapters.has(stem + "lora_a"):
       return w
-    a = self.adapters.get(stem + "lora_a").astype(np.float32)  # [in..., R]
-    b = self.adapters.get(stem + "lora_b").astype(np.float32)  # [R, out...]
-    delta = a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)
-    if delta.size != w.size:
-      raise CheckpointError(f"{self.where}: adapters of {path} give {delta.shape}, the base "
-                            f"weight is {w.shape}")
-    return (w.astype(np.float32) + self.scale * delta.reshape(w.shape)).astype(w.dtype)
+    try:
+      return lora.merge_weight(w, self.adapters.get(stem + "lora_a"),
+                               self.adapters.get(stem + "lora_b"), self.scale)
+    except ValueError as e:
+      raise CheckpointError(f"{self.where}: {path}: {e}") from None
 
   def finish(self) -> None:
     self.adapters.finish()

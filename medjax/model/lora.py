@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -29,15 +31,26 @@ def merge(params: dict, cfg: LlamaConfig) -> tuple[dict, LlamaConfig]:
     if is_lora_path(k):
       continue
     if k.endswith("/w") and k[:-1] + "lora_a" in flat:
-      a, b = flat[k[:-1] + "lora_a"], flat[k[:-1] + "lora_b"]
-      # a: [..in, R] (a leading layer axis if scanned), b: [.., R, out..]
-      lead = 1 if a.ndim > 2 and cfg.scan_layers else 0
-      a2 = a.reshape(*a.shape[:lead], -1, a.shape[-1])
-      b2 = b.reshape(*b.shape[:lead + 1], -1)
-      delta = jnp.einsum("...ir,...ro->...io", a2.astype(jnp.float32), b2.astype(jnp.float32))
-      w = (w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype)
+      a = flat[k[:-1] + "lora_a"]
+      w = merge_weight(w, a, flat[k[:-1] + "lora_b"], scale,
+                       lead=1 if a.ndim > 2 and cfg.scan_layers else 0)
     out[k] = w
   return unflatten(out), cfg.replace(lora_rank=0)
+
+
+def merge_weight(w, a, b, scale: float, lead: int = 0):
+  """W + scale·A@B for one adapted projection, in f32, back in W's dtype; numpy or jax
+  arrays alike (export merges host arrays one layer at a time).
+
+  a: [lead..., in..., R], b: [lead..., R, out...], w: [lead..., in..., out...], with `lead`
+  leading layer axes (1 for a scanned stack).
+  """
+  a2 = a.reshape(*a.shape[:lead], -1, a.shape[-1]).astype(jnp.float32)
+  b2 = b.reshape(*b.shape[:lead + 1], -1).astype(jnp.float32)
+  if a2.shape[-2] * b2.shape[-1] * math.prod(a2.shape[:-2]) != w.size:
+    raise ValueError(f"adapters give {a2.shape[-2]} x {b2.shape[-1]} per layer for a weight "
+                     f"of shape {w.shape}")
+  return (w.astype(jnp.float32) + scale * (a2 @ b2).reshape(w.shape)).astype(w.dtype)
 
 
 def add_adapters(params: dict, cfg: LlamaConfig, rng) -> dict:
